@@ -1,0 +1,21 @@
+"""kinkgrad: explicit, measurable and correct backpropagation through nonsmooth ops.
+
+>>> import torch, kinkgrad as kg
+>>> x = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
+>>> with kg.policy(relu=1.0):          # ReLU'(0) = 1 for any model, unmodified
+...     y = torch.relu(x).sum()
+>>> y.backward(); x.grad
+tensor([0., 1., 1.])
+"""
+
+from . import nn as nn
+from .catalog import OpSpec as OpSpec
+from .catalog import Probe as Probe
+from .catalog import catalog as catalog
+from .functional import *  # noqa: F403  (one function per catalog op: kg.relu, kg.max_pool2d, ...)
+from .intercept import attach as attach
+from .intercept import attached as attached
+from .intercept import detach as detach
+from .policy import policy as policy
+
+__version__ = "0.1.0"

@@ -1,0 +1,45 @@
+"""Dispatch: apply the active policy (and watchers) to one call of a catalog op."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .catalog import OpSpec, spec_by_name
+from .policy import STATE, Value
+
+#: Set by `kinkgrad.certify`: runs a call under the "directional" policy.
+DIRECTIONAL: list[Callable[[OpSpec, Any, Any], Any]] = []
+
+
+def dispatch(
+    spec: OpSpec, func: Callable, args: tuple, kwargs: dict, value: Value | None = None
+) -> Any:
+    """Run `func(*args, **kwargs)`, PyTorch's own op, under `value` (default: the
+    active policy for `spec`), and report it to the active watchers."""
+    if spec.route is not None:
+        routed = spec.route(args, kwargs)
+        if routed is not None:
+            spec = spec_by_name(routed)
+    if value is None:
+        value = STATE.resolved.get(spec.name, "torch")
+    watchers = STATE.watchers
+    if value == "torch" and not watchers:
+        return func(*args, **kwargs)
+    call = spec.family.bind(func, args, kwargs)
+    for w in watchers:
+        w.before(spec, call)
+    if value == "torch":
+        out = call.run()
+    elif value == "directional":
+        if not DIRECTIONAL:
+            raise RuntimeError(
+                "kinkgrad: the 'directional' policy needs forward tangents; use "
+                "kinkgrad.certified_grad or kinkgrad.certified_backward"
+            )
+        out = DIRECTIONAL[0](spec, call, value)
+    else:
+        out = spec.family.apply(call, value)
+    for w in watchers:
+        w.after(spec, call, out)
+    return out
