@@ -1,0 +1,58 @@
+"""Interleaved timing: every variant runs once per round, in rotating order, so drifts
+of a shared, noisy machine hit all variants alike; ratios of medians are reported."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+#: The two models every capability is benchmarked on (see the issues).
+MODELS = {
+    "large MLP 784-1024-1024-10, batch 256": ((784, 1024, 1024, 10), 256),
+    "small MLP 64-128-128-10, batch 64": ((64, 128, 128, 10), 64),
+}
+
+
+def mlp(sizes: tuple[int, ...], seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def interleaved(
+    variants: dict[str, Callable[[], object]], steps: int = 40, warmup: int = 5
+) -> dict[str, float]:
+    """Median seconds per call of each variant, timed round-robin."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(steps):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def report(title: str, medians: dict[str, float], baseline: str, goal: float | None = None) -> dict:
+    """Print ratios against `baseline` and return them."""
+    base = medians[baseline]
+    ratios = {n: m / base for n, m in medians.items()}
+    print(f"{title}")
+    for n, r in ratios.items():
+        mark = ""
+        if goal is not None and n != baseline:
+            mark = "  (goal <= %.2f: %s)" % (goal, "met" if r <= goal else "NOT met")
+        print(f"  {n:<40} {r:6.3f}x{mark}")
+    return ratios
