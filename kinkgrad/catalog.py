@@ -95,7 +95,7 @@ def _x(c: Call) -> Tensor:
 
 def _scalar_kinks(points: Callable[[dict], list[tuple[float, float, float]]]):
     """Kinks of a one-input op at scalar points: (point, D-, D+)."""
-    return lambda c: [Kink(_x(c) == p, (dm,), (dp,), (1.0,)) for p, dm, dp in points(c.params)]
+    return lambda c: [Kink(_x(c), p, (dm,), (dp,), (1.0,)) for p, dm, dp in points(c.params)]
 
 
 def _within(lo: float, hi: float) -> Callable[[list[list[float]]], bool]:
@@ -114,13 +114,25 @@ def _clamp_kinks(c: Call) -> list[Kink]:
     both = lo is not None and hi is not None
     out = []
     if lo is not None:
-        mask = (x == lo) & (lo < hi) if both else x == lo
+        valid = _lt(lo, hi) if both else None
         # below lo the output is lo (d/dx 0, d/dlo 1); above, it is x.
-        out.append(Kink(mask, (0.0, 1.0, 0.0)[:n], (1.0, 0.0, 0.0)[:n], (1.0, -1.0, 0.0)[:n]))
+        out.append(
+            Kink(x, lo, (0.0, 1.0, 0.0)[:n], (1.0, 0.0, 0.0)[:n], (1.0, -1.0, 0.0)[:n], valid)
+        )
     if hi is not None:
-        mask = (x == hi) & (lo < hi) if both else x == hi
-        out.append(Kink(mask, (1.0, 0.0, 0.0)[:n], (0.0, 0.0, 1.0)[:n], (1.0, 0.0, -1.0)[:n]))
+        valid = _lt(lo, hi) if both else None
+        out.append(
+            Kink(x, hi, (1.0, 0.0, 0.0)[:n], (0.0, 0.0, 1.0)[:n], (1.0, 0.0, -1.0)[:n], valid)
+        )
     return out
+
+
+def _lt(lo: Any, hi: Any) -> Any:
+    """lo < hi for numbers or tensors. With lo >= hi clamp is constant in x (PyTorch
+    returns hi), so neither bound is a kink of x; that case keeps PyTorch's gradient."""
+    if isinstance(lo, Tensor) or isinstance(hi, Tensor):
+        return torch.as_tensor(lo) < torch.as_tensor(hi)
+    return None if lo < hi else torch.tensor(False)
 
 
 def _jax(name: str) -> Callable[..., Any]:
@@ -195,7 +207,13 @@ def _entries() -> list[OpSpec]:
             "at 0: 0 | 1; at 6: 1 | 0",
             "[0, 1]",
             "0 at both",
-            E(("inplace",), {"inplace": False}, relu6_k, inplace_funcs=_fns("_nn.relu6_")),
+            E(
+                ("inplace",),
+                {"inplace": False},
+                relu6_k,
+                inplace_funcs=_fns("_nn.relu6_"),
+                alt_signature=("min_val", "max_val", "inplace"),
+            ),
             (
                 _p("x=0", [[0.0]], F.relu6, "[0, 1]", _within(0, 1), _jax("relu6")),
                 _p("x=6", [[6.0]], F.relu6, "[0, 1]", _within(0, 1), _jax("relu6")),
@@ -419,7 +437,7 @@ def _entries() -> list[OpSpec]:
             "x = -3, x = 3",
             "at -3: 0 | -1/2; at 3: 3/2 | 1",
             "[-1/2, 0] and [1, 3/2]",
-            "-1/2 at -3, 1 at 3",
+            "0 at -3, 1 at 3",
             E(
                 ("inplace",),
                 {"inplace": False},

@@ -14,24 +14,55 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 
-class Kink(NamedTuple):
-    """One kink point of an elementwise op, evaluated on a call.
+class Kink:
+    """One kink point of an elementwise op, evaluated on a call: the elements where
+    `x == point` (and `valid`, if given) sit on it.
 
     `minus[i]` / `plus[i]` are the one-sided partial derivatives of the output with
     respect to differentiable input i on the side where `direction . inputs` is smaller /
     larger; `direction` is what the certified ("directional") mode projects tangents on.
+    The mask is built only when asked for: on CPU most calls never need it.
     """
 
-    mask: Tensor
-    minus: tuple[Any, ...]
-    plus: tuple[Any, ...]
-    direction: tuple[float, ...]
+    __slots__ = ("x", "point", "valid", "minus", "plus", "direction", "_mask")
+
+    def __init__(
+        self,
+        x: Tensor,
+        point: float | Tensor,
+        minus: tuple[Any, ...],
+        plus: tuple[Any, ...],
+        direction: tuple[float, ...],
+        valid: Tensor | None = None,
+    ) -> None:
+        self.x, self.point, self.valid = x, point, valid
+        self.minus, self.plus, self.direction = minus, plus, direction
+        self._mask: Tensor | None = None
+
+    @property
+    def mask(self) -> Tensor:
+        """Bool tensor: elements exactly on this kink (-0.0 counts as 0; NaN never)."""
+        if self._mask is None:
+            mask = self.x == self.point
+            self._mask = mask if self.valid is None else mask & self.valid
+        return self._mask
+
+    def possible(self) -> bool:
+        """False only if no element can be on the kink. On CPU one reduction decides
+        (min |x - point| == 0 is much cheaper than building the mask); on accelerators
+        asking would synchronise the host, so the answer is always True there."""
+        x = self.x.detach()
+        if x.device.type != "cpu" or isinstance(self.point, Tensor):
+            return True
+        d = x.abs() if self.point == 0 else (x - self.point).abs()
+        low = float(d.amin())
+        return not low > 0  # NaN (a NaN input) falls back to the exact mask
 
 
 @dataclass
@@ -88,14 +119,6 @@ def _is_float(t: Any) -> bool:
     return isinstance(t, Tensor) and t.is_floating_point()
 
 
-def _gate(masks: list[Tensor]) -> list[bool]:
-    """Which masks can matter. On CPU a look costs nothing; on accelerators it would
-    synchronise the host, so every mask is kept and the hook decides elementwise."""
-    if masks and masks[0].device.type == "cpu":
-        return [bool(m.any()) for m in masks]
-    return [True] * len(masks)
-
-
 # --------------------------------------------------------------------------------------
 # Families
 # --------------------------------------------------------------------------------------
@@ -132,7 +155,10 @@ class Elementwise(Family):
         kinks: Callable[[Call], list[Kink]],
         tensor_params: Sequence[str] = (),
         inplace_funcs: Sequence[Callable] = (),
+        alt_signature: Sequence[str] | None = None,
     ) -> None:
+        # alt_signature: a second way the op is called (nn.ReLU6 calls F.hardtanh(x, 0, 6)).
+        self.alt_signature = None if alt_signature is None else ("input", *alt_signature)
         self.signature = ("input", *signature)
         self.defaults = defaults
         self.kinks = kinks
@@ -140,9 +166,14 @@ class Elementwise(Family):
         self.inplace_funcs = tuple(inplace_funcs)
 
     def bind(self, func: Callable, args: tuple, kwargs: dict) -> Call:
-        params = _bind(self.signature, self.defaults, args, kwargs)
+        try:
+            params = _bind(self.signature, self.defaults, args, kwargs)
+        except TypeError:
+            if self.alt_signature is None:
+                raise
+            params = _bind(self.alt_signature, self.defaults, args, kwargs)
         inplace = bool(params.get("inplace")) or func in self.inplace_funcs
-        tensors = [params[p] for p in self.tensor_params]
+        tensors = [params.get(p) for p in self.tensor_params]
         if any(isinstance(t, Tensor) for t in tensors):
             inputs = [params["input"], *(t if isinstance(t, Tensor) else None for t in tensors)]
         else:
@@ -161,7 +192,9 @@ class Elementwise(Family):
         if not _is_float(x) or x.numel() == 0:
             return call.run()
         kinks, call = self.kink_list(call)
-        live = [k for k, keep in zip(kinks, _gate([k.mask for k in kinks]), strict=False) if keep]
+        live = [k for k in kinks if k.possible()]
+        if live and live[0].x.device.type == "cpu":
+            live = [k for k in live if bool(k.mask.any())]
         out = call.run()
         if not live or not _needs_grad(out):
             return out
@@ -228,13 +261,9 @@ class BinaryTie(Elementwise):
     def __init__(self, first_side: str) -> None:
         self.first_side = first_side  # "plus" for max-like, "minus" for min-like
         if first_side == "plus":  # maximum: a > b selects a
-            kinks = lambda c: [
-                Kink(c.inputs[0] == c.inputs[1], (0.0, 1.0), (1.0, 0.0), (1.0, -1.0))
-            ]
+            kinks = lambda c: [Kink(c.inputs[0], c.inputs[1], (0.0, 1.0), (1.0, 0.0), (1.0, -1.0))]
         else:  # minimum: a < b selects a
-            kinks = lambda c: [
-                Kink(c.inputs[0] == c.inputs[1], (1.0, 0.0), (0.0, 1.0), (1.0, -1.0))
-            ]
+            kinks = lambda c: [Kink(c.inputs[0], c.inputs[1], (1.0, 0.0), (0.0, 1.0), (1.0, -1.0))]
         super().__init__(("other",), {}, kinks, tensor_params=("other",))
 
     def bind(self, func: Callable, args: tuple, kwargs: dict) -> Call:
@@ -622,7 +651,12 @@ class Jump(Family):
         self.outofplace = outofplace
 
     def bind(self, func: Callable, args: tuple, kwargs: dict) -> Call:
-        params = _bind(self.signature, self.defaults, args, kwargs)
+        try:
+            params = _bind(self.signature, self.defaults, args, kwargs)
+        except TypeError:
+            if self.alt_signature is None:
+                raise
+            params = _bind(self.alt_signature, self.defaults, args, kwargs)
         inplace = bool(params.get("inplace")) or func in self.inplace_funcs
         return Call(func, args, kwargs, params, [params["input"]], inplace)
 
