@@ -53,6 +53,7 @@ def report(title: str, medians: dict[str, float], baseline: str, goal: float | N
     for n, r in ratios.items():
         mark = ""
         if goal is not None and n != baseline:
-            mark = "  (goal <= %.2f: %s)" % (goal, "met" if r <= goal else "NOT met")
+            verdict = "met" if r <= goal else "NOT met"
+            mark = f"  (goal <= {goal:.2f}: {verdict})"
         print(f"  {n:<40} {r:6.3f}x{mark}")
     return ratios
