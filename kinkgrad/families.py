@@ -166,6 +166,10 @@ class Elementwise(Family):
         self.inplace_funcs = tuple(inplace_funcs)
 
     def bind(self, func: Callable, args: tuple, kwargs: dict) -> Call:
+        if len(args) == 1 and not kwargs and not self.tensor_params:  # the hot path: relu(x)
+            params = dict(self.defaults)
+            params["input"] = args[0]
+            return Call(func, args, kwargs, params, [args[0]], func in self.inplace_funcs)
         try:
             params = _bind(self.signature, self.defaults, args, kwargs)
         except TypeError:
@@ -184,7 +188,8 @@ class Elementwise(Family):
         return float(value)
 
     def kink_list(self, call: Call) -> tuple[list[Kink], Call]:
-        call = _broadcast(call)
+        if len(call.inputs) > 1:
+            call = _broadcast(call)
         return self.kinks(call), call
 
     def apply(self, call: Call, value: Any) -> Any:
@@ -651,12 +656,7 @@ class Jump(Family):
         self.outofplace = outofplace
 
     def bind(self, func: Callable, args: tuple, kwargs: dict) -> Call:
-        try:
-            params = _bind(self.signature, self.defaults, args, kwargs)
-        except TypeError:
-            if self.alt_signature is None:
-                raise
-            params = _bind(self.alt_signature, self.defaults, args, kwargs)
+        params = _bind(self.signature, self.defaults, args, kwargs)
         inplace = bool(params.get("inplace")) or func in self.inplace_funcs
         return Call(func, args, kwargs, params, [params["input"]], inplace)
 
