@@ -365,7 +365,8 @@ class Selection(Family):
     def apply(self, call: Call, value: Any) -> Any:
         def fix(native: Tensor, g: Tensor, values: Tensor) -> Tensor:
             X, V, back = self.rows(call, values)
-            ours, tied = _selection_grad(X.detach(), V, g.reshape(V.shape), value)
+            G = self.rows(call, g)[1]  # the upstream gradient, laid out like the values
+            ours, tied = _selection_grad(X.detach(), V, G, value)
             return torch.where(back(tied), back(ours), native)
 
         return _run_with_input_fix(call, fix)
@@ -403,6 +404,14 @@ def _run_with_input_fix(call: Call, fix: Callable[[Tensor, Tensor, Tensor], Tens
 
     alias.grad_fn.register_prehook(prehook)
     return out
+
+
+def _to_device(data: list, device: torch.device) -> Tensor:
+    """An int64 tensor of `data` on `device`. A copy from pageable host memory would make
+    the host wait for the device's queue; from pinned memory it is asynchronous."""
+    if device.type == "cpu":
+        return torch.tensor(data, dtype=torch.long)
+    return torch.tensor(data, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
 
 
 def _groups(X: Tensor, V: Tensor):
@@ -536,7 +545,7 @@ class Pool(Family):
                         pos = o * s - pad + j * dil
                         row.append(pos if 0 <= pos < L else L)
                     idx.append(row)
-            per_dim.append(torch.tensor(idx, dtype=torch.long, device=x.device).reshape(O, -1))
+            per_dim.append(_to_device(idx, x.device).reshape(O, -1))
         flat = torch.zeros((), dtype=torch.long, device=x.device)
         stride = 1
         for d in reversed(range(self.nd)):

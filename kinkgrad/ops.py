@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,24 @@ from .policy import STATE, Value
 
 #: Set by `kinkgrad.certify`: runs a call under the "directional" policy.
 DIRECTIONAL: list[Callable[[OpSpec, Any, Any], Any]] = []
+
+
+class _Forced(threading.local):
+    value: Value | None = None
+
+
+#: Set by `kinkgrad.certify` while a certified pass runs (per thread): every catalog call
+#: uses this value, whatever the policies, attached modules or `kink=` keywords say.
+FORCED = _Forced()
+
+
+class _Replay(threading.local):
+    active: bool = False
+
+
+#: True while `kinkgrad.certify` replays a forward (its tangent and probe passes, per
+#: thread): module-level counters (e.g. steps counted per forward) should skip it.
+REPLAY = _Replay()
 
 
 def dispatch(
@@ -21,7 +40,9 @@ def dispatch(
         routed = spec.route(args, kwargs)
         if routed is not None:
             spec = spec_by_name(routed)
-    if value is None:
+    if FORCED.value is not None:
+        value = FORCED.value
+    elif value is None:
         value = STATE.resolved.get(spec.name, "torch")
     watchers = STATE.watchers
     if value == "torch" and not watchers:

@@ -171,6 +171,10 @@ def test_selection_rules_by_hand():
     with kg.policy(sort="split"):
         (g,) = torch.autograd.grad((torch.sort(x, 1).values * w).sum(), x)
     assert torch.equal(g, torch.tensor([[3.0, 1.0, 3.0, 3.0], [2.0, 3.5, 3.5, 1.0]]))
+    # along dim 0 the same, transposed
+    with kg.policy(sort="first"):
+        (g,) = torch.autograd.grad((torch.sort(x.t(), 0).values * w[:, None]).sum(), x)
+    assert torch.equal(g, torch.tensor([[2.0, 1.0, 3.0, 4.0], [2.0, 3.0, 4.0, 1.0]]))
     # topk k=1 at a boundary tie: first takes the lowest index, split shares.
     with kg.policy(topk="split"):
         (g,) = torch.autograd.grad(torch.topk(x, 1, dim=1).values.sum(), x)

@@ -1,0 +1,244 @@
+"""The first-order check: passes on smooth functions (property test), tells kinks from
+differentiable points, catches backprop leaving the generalized gradient, exact
+linearization radii, the CLI, bad input."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kinkgrad as kg
+from kinkgrad.check import cli
+
+D = torch.float64
+
+
+def x64(*values):
+    return torch.tensor(values, dtype=D, requires_grad=True)
+
+
+def identity_at_zero(x):
+    return (torch.relu(x) - torch.relu(-x)).sum()
+
+
+# --------------------------------------------------------------------------------------
+# smooth functions pass (property test)
+# --------------------------------------------------------------------------------------
+
+UNARY = [
+    torch.sin,
+    torch.tanh,
+    torch.sigmoid,
+    F.softplus,
+    lambda v: torch.exp(0.5 * v),
+    lambda v: torch.log1p(v * v),
+    lambda v: v**3 - 2 * v,
+    lambda v: torch.cos(3 * v) * v,
+    F.silu,
+    F.gelu,
+]
+
+
+def _smooth(ops: list[int], mix: int):
+    def f(x, y):
+        h = x
+        for k in ops:
+            h = UNARY[k](h) + 0.5 * h
+        z = {0: h * y, 1: h @ y.flip(0), 2: torch.atan2(h, 1.5 + y * y), 3: h / (1 + y.exp())}[mix]
+        return z.sum() + (h * h).mean()
+
+    return f
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=st.lists(st.integers(0, len(UNARY) - 1), min_size=1, max_size=4),
+    mix=st.integers(0, 3),
+    xs=st.lists(st.floats(-2.0, 2.0, allow_nan=False), min_size=3, max_size=3),
+    ys=st.lists(st.floats(-2.0, 2.0, allow_nan=False), min_size=3, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_smooth_functions_pass(ops, mix, xs, ys, seed):
+    f = _smooth(ops, mix)
+    rep = kg.check(f, x64(*xs), x64(*ys), directions=8, seed=seed)
+    assert rep.differentiable, str(rep)
+    assert rep.passed, str(rep)
+    assert all(math.isinf(d.radius) for d in rep.directions)  # no kink op: linear model
+    assert rep.kinks_hit == 0
+
+
+def test_smooth_float32_function_with_a_float32_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.randn(4, requires_grad=True)
+    rep = kg.check(lambda x: model(x).sum(), x, seed=0)
+    assert rep.passed and rep.differentiable
+    assert rep.fd_dtype == "float64 (promoted)"  # the model refused float64 inputs
+
+
+# --------------------------------------------------------------------------------------
+# kinks
+# --------------------------------------------------------------------------------------
+
+
+def test_relu_identity_fails_under_the_default_policy_and_says_why():
+    rep = kg.check(identity_at_zero, x64(0.0), seed=0)
+    assert not rep.passed
+    assert rep.differentiable  # relu(x) - relu(-x) is x
+    assert rep.clarke_distance == pytest.approx(1.0)
+    text = " ".join(rep.reasons)
+    assert "differentiable" in text and "disagrees" in text and "not the gradient" in text
+    assert all(
+        d.forward == pytest.approx(d.predicted + (1 if d.forward > 0 else -1))
+        for d in rep.directions
+    )
+    out = str(rep)
+    assert "FAILED" in out and "f'(x; d)" in out and "<g, d>" in out
+
+
+def test_relu_identity_passes_with_relu_prime_one_half():
+    with kg.policy(relu=0.5):  # d/dx = a + a = 1: the right value, by luck of symmetry
+        rep = kg.check(identity_at_zero, x64(0.0, 0.0), seed=0)
+    assert rep.passed and rep.differentiable
+
+
+def test_abs_at_zero_is_a_kink_and_zero_is_a_subgradient():
+    rep = kg.check(lambda x: x.abs().sum(), x64(0.0, 0.0, 0.0), seed=1)
+    assert not rep.differentiable and rep.kink
+    assert rep.passed and rep.clarke_distance < 1e-9
+    assert "kink" in " ".join(rep.reasons) and "PASSED" in str(rep)
+
+
+def test_kink_with_a_gradient_outside_the_clarke_set_fails():
+    # relu(x) + relu(x) - x at 0 with the "policy" relu=... : d/dx = 2a - 1; the Clarke
+    # set is [-1, 1] for every a in [0, 1]; make backprop leave it with a composite:
+    # f = |x| + (maximum(x, 0) - relu(x)): Clarke [-1, 1], plain backprop 0 + 0.5 = 0.5
+    # (inside). Leave it through a non-Clarke value instead: leaky_relu slope outside.
+    f = lambda x: (x.abs() + 4 * (torch.maximum(x, torch.zeros_like(x)) - torch.relu(x))).sum()
+    rep = kg.check(f, x64(0.0), seed=2)
+    assert rep.kink and not rep.passed  # plain gives 0 + 4 * 0.5 = 2, Clarke set [-1, 1]
+    assert rep.clarke_distance == pytest.approx(1.0, abs=1e-6)
+    assert "not a Clarke generalized gradient" in " ".join(rep.reasons)
+
+
+def test_maximum_minus_relu_fails():
+    f = lambda x: (torch.maximum(x, torch.zeros_like(x)) - torch.relu(x)).sum()
+    rep = kg.check(f, x64(0.0, 1.0), seed=0)
+    assert rep.differentiable and not rep.passed
+
+
+def test_certified_gradient_would_pass_where_plain_fails():
+    """The same point through certified_grad: its gradient satisfies the model."""
+    x = x64(0.0)
+    g = kg.certified_grad(identity_at_zero, x, seed=0).grad
+    assert g.item() == 1.0  # = f'(x; d) / d for every direction of the check
+
+
+def test_piecewise_linear_radius_is_exact():
+    c = torch.tensor([1.0, -2.0, 0.5], dtype=D)
+    f = lambda x: (torch.relu(x - c) * torch.tensor([1.0, 2.0, 3.0], dtype=D)).sum()
+    x = torch.zeros(3, dtype=D, requires_grad=True)
+    rep = kg.check(f, x, directions=6, seed=3)
+    assert rep.differentiable and rep.passed
+    gen = torch.Generator().manual_seed(3)
+    for d in rep.directions:
+        # the check's own directions: recompute them the way it draws them
+        u = torch.randn(3, generator=gen, dtype=D)
+        u = u / u.norm()
+        t = (c - 0.0) / u
+        expect = min([v for v in t.tolist() if v > 0], default=math.inf)
+        back = min([v for v in (-t).tolist() if v > 0], default=math.inf)
+        assert d.radius == pytest.approx(expect) and d.radius_back == pytest.approx(back)
+        # f is linear along d up to the radius: the quotient at the radius is exact
+        r = min(d.radius, 10.0)
+        q = (f(x.detach() + r * u) - f(x.detach())) / r
+        assert float(q) == pytest.approx(d.predicted, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------
+
+
+def test_errors():
+    x = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="scalar"):
+        kg.check(torch.relu, x)
+    with pytest.raises(ValueError, match="does not require grad"):
+        kg.check(lambda x: x.sum(), torch.zeros(2))
+    with pytest.raises(TypeError, match="floating"):
+        kg.check(lambda x: x.sum(), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="NaN"):
+        kg.check(lambda x: x.sum(), torch.tensor([float("nan")], requires_grad=True))
+    with pytest.raises(ValueError, match="directions"):
+        kg.check(lambda x: x.sum(), x, directions=0)
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cases(tmp_path):
+    path = tmp_path / "cases.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            def identity():
+                x = torch.zeros(2, dtype=torch.float64)
+                return (lambda x: (torch.relu(x) - torch.relu(-x)).sum()), (x,)
+
+            def smooth():
+                return (lambda x: torch.sin(x).sum()), torch.tensor([0.3, 1.0])
+
+            def f(x):
+                return (torch.relu(x) - torch.relu(-x)).sum()
+
+            def not_a_case():
+                return 3
+            """
+        )
+    )
+    return path
+
+
+def test_cli_case_function(cases, capsys):
+    assert cli([f"{cases}:identity", "--seed", "0", "--directions", "4"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "differentiable" in out
+    assert cli([f"{cases}:smooth", "--seed", "0"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+
+
+def test_cli_point_flags_and_policy(cases, capsys):
+    assert cli([f"{cases}:f", "--at", "[0, 0]", "--seed", "1"]) == 1
+    assert cli([f"{cases}:f", "--at", "[0, 0]", "--policy", "relu=0.5"]) == 0
+    assert cli([f"{cases}:f", "--shape", "3", "--seed", "2"]) == 0  # off the kink
+    capsys.readouterr()
+
+
+def test_cli_bad_arguments(cases, capsys):
+    assert cli([f"{cases}:not_a_case"]) == 2
+    assert cli([f"{cases}:missing"]) == 2
+    assert cli(["no_such_module_kg:f"]) == 2
+    assert cli(["nocolon"]) == 2
+    assert cli([f"{cases}:f", "--policy", "relu"]) == 2
+    assert cli([f"{cases}:f", "--at", "[0"]) == 2
+    err = capsys.readouterr().err
+    assert "kinkgrad check:" in err
+
+
+def test_cli_entry_point(cases, capsys):
+    from kinkgrad.cli import main
+
+    assert main(["check", f"{cases}:smooth", "--directions", "2"]) == 0
+    assert "PASSED" in capsys.readouterr().out
