@@ -12,10 +12,21 @@ from . import nn as nn
 from .catalog import OpSpec as OpSpec
 from .catalog import Probe as Probe
 from .catalog import catalog as catalog
+from .certify import CertifiedGrad as CertifiedGrad
+from .certify import CertifiedStep as CertifiedStep
+from .certify import Linearization as Linearization
+from .certify import certified_backward as certified_backward
+from .certify import certified_grad as certified_grad
+from .certify import kink_crossings as kink_crossings
+from .certify import linearization as linearization
+from .check import CheckReport as CheckReport
+from .check import check as check
 from .functional import *  # noqa: F403  (one function per catalog op: kg.relu, kg.max_pool2d, ...)
 from .intercept import attach as attach
 from .intercept import attached as attached
 from .intercept import detach as detach
 from .policy import policy as policy
+from .watch import Watcher as Watcher
+from .watch import watch as watch
 
 __version__ = "0.1.0"

@@ -375,7 +375,11 @@ class Selection(Family):
         values = self._values(out).detach()
         X, V, _ = self.rows(call, values)
         _, _, n_in, gid_out, valid = _groups(X.detach(), V)
-        return ((n_in.gather(1, gid_out.clamp(min=0)) > 1) & valid).reshape(values.shape)
+        tied = (n_in.gather(1, gid_out.clamp(min=0)) > 1) & valid
+        if call.extra["mode"] == "slots" and values.dim():  # rows hold the dim last
+            d = call.params["dim"] % values.dim()
+            return tied.reshape(values.movedim(d, -1).shape).movedim(-1, d)
+        return tied.reshape(values.shape)
 
 
 def _run_with_input_fix(call: Call, fix: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Any:
@@ -425,7 +429,10 @@ def _groups(X: Tensor, V: Tensor):
         new[:, 1:] = xs[:, 1:] != xs[:, :-1]  # NaN != NaN: every NaN is its own group
     gid = new.long().cumsum(1) - 1
     n_in = torch.zeros_like(gid).scatter_add_(1, gid, torch.ones_like(gid))
-    pos = torch.searchsorted(xs.contiguous(), V.contiguous()).clamp_(max=n - 1)
+    # NaNs sort last; binary search needs a monotone row, so search them as +inf (a real
+    # +inf sorts before them and is found first; a NaN output never matches anyway).
+    monotone = torch.where(xs.isnan(), torch.full_like(xs, float("inf")), xs)
+    pos = torch.searchsorted(monotone.contiguous(), V.contiguous()).clamp_(max=n - 1)
     valid = xs.gather(1, pos) == V
     gid_out = torch.where(valid, gid.gather(1, pos), torch.full_like(pos, -1))
     return perm, gid, n_in, gid_out, valid

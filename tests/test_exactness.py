@@ -351,3 +351,15 @@ def test_pool_split_matches_brute_force(x, k):
             for r, c in winners:
                 want[r, c] += g[0, 0, i, j] / len(winners)
     assert torch.allclose(got[0, 0], want, rtol=1e-12, atol=1e-12)
+
+
+def test_ties_next_to_nan_and_along_other_dims():
+    x = torch.tensor([[0.0, 0.0, math.nan, math.nan]], requires_grad=True)
+    with kg.policy(kthvalue="split"):
+        (g,) = torch.autograd.grad(torch.kthvalue(x, 2, 1).values.sum(), x)
+    assert torch.equal(g, torch.tensor([[0.5, 0.5, 0.0, 0.0]]))
+    spec = next(s for s in kg.catalog() if s.name == "sort")
+    y = torch.tensor([[1.0, 2.0], [1.0, 3.0], [0.0, 3.0]])  # columns sort to [0,1,1], [2,3,3]
+    call = spec.family.bind(torch.sort, (y, 0), {})
+    hits = spec.hits(call, torch.sort(y, 0))
+    assert torch.equal(hits, torch.tensor([[False, False], [True, True], [True, True]]))

@@ -1,0 +1,335 @@
+"""Records of `kinkgrad.watch`: summaries, the terminal table, files and the plot.
+
+Everything here works on plain records (lists of dicts, one per step x module x op), so
+a saved file renders exactly like a live watcher (`kinkgrad watch-summary PATH`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Identify a record.
+KEYS = ("step", "module", "op", "dtype")
+#: Counted per record. `sites` is where a hit can happen: elements for elementwise ops,
+#: windows / reductions / output slots for tie ops.
+COUNTS = (
+    "calls",
+    "elements",
+    "sites",
+    "exact",
+    "effective",
+    "near",
+    "subnormal",
+    "samples",
+    "nonfinite",
+)
+FIELDS = (*KEYS, *COUNTS, "rank")
+SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+
+
+@dataclass
+class Summary:
+    """Counts per (module, op, dtype), summed over steps, and their total.
+
+    `rows` (list of dicts: module, op, dtype, steps, and every count), `total` (one
+    dict: steps and every count), `steps` (distinct steps seen), `rank` (this process's
+    rank, "all" for an all-ranks sum). A watcher that saw nothing gives `rows == []`,
+    zero totals and `bool(summary) is False`; `print(summary)` says so in words.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    total: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+    rank: int | str = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __bool__(self) -> bool:
+        return bool(self.rows)
+
+    def __rich__(self) -> Any:
+        return table(self)
+
+    def __str__(self) -> str:
+        return render(self)
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> Summary:
+    """Sum records over steps, per (module, op, dtype), in first-seen order."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    steps_of: dict[tuple, set] = {}
+    all_steps: set = set()
+    rank: int | str = 0
+    for r in records:
+        key = (r["module"], r["op"], r.get("dtype", ""))
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = {"module": key[0], "op": key[1], "dtype": key[2], "steps": 0}
+            row.update(dict.fromkeys(COUNTS, 0))
+            steps_of[key] = set()
+        for c in COUNTS:
+            row[c] += int(r.get(c) or 0)
+        steps_of[key].add(r["step"])
+        all_steps.add(r["step"])
+        rank = r.get("rank", rank)
+    for key, row in rows.items():
+        row["steps"] = len(steps_of[key])
+    total = {"steps": len(all_steps), **dict.fromkeys(COUNTS, 0)}
+    for row in rows.values():
+        for c in COUNTS:
+            total[c] += row[c]
+    return Summary(list(rows.values()), total, len(all_steps), rank)
+
+
+# --------------------------------------------------------------------------------------
+# Terminal table
+# --------------------------------------------------------------------------------------
+
+
+def _rate(hits: int, sites: int) -> str:
+    if not sites:
+        return "-"
+    return "0" if not hits else f"{hits / sites:.2e}"
+
+
+def table(summary: Summary, title: str | None = None) -> Any:
+    """A rich Table: one line per (module, op, dtype), then the total."""
+    from rich.table import Table
+
+    if title is None:
+        who = "all ranks" if summary.rank == "all" else f"rank {summary.rank}"
+        title = f"kinkgrad.watch: {summary.steps} step(s), {who}"
+    t = Table(title=title, title_justify="left", show_footer=bool(summary.rows))
+    t.add_column("module", footer="total")
+    t.add_column("op")
+    t.add_column("dtype")
+    totals = summary.total
+    for c in ("calls", "elements", "exact", "effective", "near", "subnormal", "samples"):
+        t.add_column(c, justify="right", footer=f"{totals.get(c, 0):,}")
+    t.add_column("nan/inf", justify="right", footer=f"{totals.get('nonfinite', 0):,}")
+    t.add_column(
+        "exact/site",
+        justify="right",
+        footer=_rate(totals.get("exact", 0), totals.get("sites", 0)),
+    )
+    if not summary.rows:
+        t.caption = "no catalog op calls recorded"
+    for r in summary.rows:
+        style = "bold red" if r["exact"] else None
+        t.add_row(
+            r["module"],
+            r["op"],
+            r["dtype"],
+            *(f"{r[c]:,}" for c in ("calls", "elements", "exact", "effective", "near")),
+            f"{r['subnormal']:,}",
+            f"{r['samples']:,}",
+            f"{r['nonfinite']:,}",
+            _rate(r["exact"], r["sites"]),
+            style=style,
+        )
+    return t
+
+
+def render(summary: Summary, width: int = 140) -> str:
+    """The table as plain text (what `print(watcher)` shows)."""
+    from rich.console import Console
+
+    buf = io.StringIO()
+    Console(file=buf, width=width, force_terminal=False, color_system=None).print(table(summary))
+    return buf.getvalue().rstrip("\n")
+
+
+# --------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------
+
+
+def _format(path: Path) -> str:
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(
+            f"kinkgrad.watch: cannot tell the format of {str(path)!r} from its suffix "
+            f"{path.suffix!r}; use one of {', '.join(SUFFIXES)}"
+        )
+    return fmt
+
+
+def save(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write records as JSON Lines or CSV (by suffix), atomically: a temporary file in
+    the same folder is renamed over `path`, so readers never see half a file."""
+    path = Path(path)
+    fmt = _format(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            if fmt == "jsonl":
+                for r in records:
+                    f.write(json.dumps({k: r[k] for k in FIELDS if k in r}) + "\n")
+            else:
+                writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(records)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _typed(r: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in r.items():
+        if k in COUNTS or k == "step":
+            out[k] = int(v)
+        elif k == "rank":
+            out[k] = int(v) if isinstance(v, str) and v.lstrip("-").isdigit() else v
+        else:
+            out[k] = v
+    return out
+
+
+def load(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read records written by `save` (or by `Watcher.save`)."""
+    path = Path(path)
+    fmt = _format(path)
+    with open(path, newline="") as f:
+        if fmt == "jsonl":
+            rows = [json.loads(line) for line in f if line.strip()]
+        else:
+            rows = list(csv.DictReader(f))
+    missing = [k for k in ("step", "module", "op") if rows and k not in rows[0]]
+    if missing:
+        raise ValueError(f"kinkgrad.watch: {str(path)!r} is not a watch record file (no {missing})")
+    return [_typed(r) for r in rows]
+
+
+# --------------------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------------------
+
+
+def plot(records: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+    """PNG of exact, effective and near hits per step, one line per layer (module and
+    op), on a symmetric log scale (linear below 1, so steps without hits sit visibly
+    at 0). Written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    path = Path(path)
+    panels = (
+        ("exact", "exact hits"),
+        ("effective", "effective hits\n(upstream gradient != 0)"),
+        ("near", "near hits\n(within tolerance)"),
+    )
+    layers: dict[str, dict[int, list[int]]] = {}
+    for r in records:
+        name = f"{r['module']} : {r['op']}"
+        if r.get("dtype"):
+            name += f" ({r['dtype']})"
+        acc = layers.setdefault(name, {}).setdefault(int(r["step"]), [0] * len(panels))
+        for i, (key, _) in enumerate(panels):
+            acc[i] += int(r.get(key) or 0)
+
+    fig = Figure(figsize=(11, 9), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, sharex=True)
+    heading = title or "kinkgrad.watch: kink hits per step"
+    if not layers:
+        for ax in axes:
+            ax.set_axis_off()
+        axes[0].text(0.5, 0.5, "no catalog op calls recorded", ha="center", va="center")
+    else:
+        steps = sorted({s for per in layers.values() for s in per})
+        ranked = sorted(layers, key=lambda n: -sum(v[0] for v in layers[n].values()))
+        colors = _colors(len(ranked))
+        markers = "os^Dv<>ph*"
+        for col, (ax, (_, label)) in enumerate(zip(axes, panels, strict=True)):
+            top = 0
+            for i, name in enumerate(ranked):
+                ys = [layers[name].get(s, [0] * len(panels))[col] for s in steps]
+                top = max(top, *ys)
+                ax.plot(
+                    steps,
+                    ys,
+                    label=name,
+                    color=colors[i],
+                    marker=markers[i % len(markers)] if len(steps) <= 60 else None,
+                    markersize=4,
+                    linewidth=1.4,
+                )
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_ylim(0, max(10, top * 1.5))  # 0, 1, 10, ... on a symlog axis
+            ax.set_ylabel(f"{label}\n(log scale)")
+            ax.grid(True, which="major", alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            total = sum(sum(v[col] for v in layers[n].values()) for n in ranked)
+            ax.set_title(f"total {total:,}", loc="right", fontsize=9)
+        axes[-1].set_xlabel("step")
+        axes[0].legend(
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            fontsize=8,
+            title="module : op",
+            title_fontsize=8,
+            frameon=False,
+        )
+    fig.suptitle(heading)
+    folder = path.parent if str(path.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def steps_table(records: list[dict[str, Any]]) -> Any:
+    """A rich Table with one line per record (step, module, op, dtype)."""
+    from rich.table import Table
+
+    t = Table(title="per step", title_justify="left")
+    for c in ("step", "module", "op", "dtype"):
+        t.add_column(c, justify="right" if c == "step" else "left")
+    for c in ("calls", "exact", "effective", "near", "subnormal", "samples", "nonfinite"):
+        t.add_column(c, justify="right")
+    for r in records:
+        t.add_row(
+            str(r["step"]),
+            str(r["module"]),
+            str(r["op"]),
+            str(r.get("dtype", "")),
+            *(f"{int(r.get(c) or 0):,}" for c in ("calls", "exact", "effective", "near")),
+            *(f"{int(r.get(c) or 0):,}" for c in ("subnormal", "samples", "nonfinite")),
+        )
+    return t
