@@ -1,0 +1,346 @@
+"""`kinkgrad study` / `python -m kinkgrad.study`: argument parsing, progress, summary.
+
+Exit status: 0 done; 1 a run failed; 2 bad settings (nothing was trained);
+3 the run directory is in use by another study; 130 interrupted (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import BIAS_MODES, DATASETS, DEVICES, MODELS, OPTIMIZERS, PRECISIONS, ConfigError
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+def _list(cast=str):
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return [cast(t) for t in items]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def _onoff(text: str) -> bool:
+    t = text.lower()
+    if t in ("on", "yes", "true", "1", "bn"):
+        return True
+    if t in ("off", "no", "false", "0", "none"):
+        return False
+    raise ValueError(f"batchnorm: {text!r} is not one of on, off")
+
+
+def _kink(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text  # an alias ("left", "mid", ...) or an error make_frame will name
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kinkgrad study",
+        description=(
+            "Does the derivative at the kink matter? Trains paired runs that differ only in "
+            "ReLU'(0) (and the max-pool tie rule), plus a one-ulp noise-floor pair, over a "
+            "grid of models, precisions, bias modes, batch norm and seeds, and writes a "
+            "report. Rerun the same command to resume an interrupted study."
+        ),
+        epilog="Lists are comma-separated. Precedence: defaults < --quick < --config < flags.",
+    )
+    g = p.add_argument_group("grid axes")
+    g.add_argument("--models", type=_list(), help=f"of {', '.join(MODELS)} (default: both)")
+    g.add_argument("--precisions", type=_list(), help=f"of {', '.join(PRECISIONS)} (default: all)")
+    g.add_argument("--bias", type=_list(), help=f"of {', '.join(BIAS_MODES)} (default: both)")
+    g.add_argument("--batchnorm", type=_list(_onoff), help="of off, on (default: both)")
+    g.add_argument("--seeds", type=_list(int), help="seeds (default: 0,1,2)")
+    g = p.add_argument_group("policies")
+    g.add_argument(
+        "--kinks",
+        type=_list(_kink),
+        help="ReLU'(0) of each run, reference first (default: 0,1); numbers or left/mid/right",
+    )
+    g.add_argument(
+        "--ties", type=_list(), help="max-pool tie rule of each run (default: first,split)"
+    )
+    g.add_argument("--extra-policies", type=_list(), help="further registered policies by name")
+    g.add_argument(
+        "--no-noise-floor",
+        dest="noise_floor",
+        action="store_false",
+        default=None,
+        help="skip the one-ulp noise-floor run",
+    )
+    g = p.add_argument_group("training")
+    g.add_argument("--data", help=f"{' or '.join(DATASETS)} (default: digits)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--width", type=int, help="MLP hidden units")
+    g.add_argument("--channels", type=int, help="CNN channels of the first block")
+    g.add_argument("--train-size", type=int, help="use the first N training samples (0: all)")
+    g.add_argument("--test-size", type=int, help="use the first N test samples (0: all)")
+    g.add_argument("--optimizer", help=f"{' or '.join(OPTIMIZERS)} (default: sgd with momentum)")
+    g.add_argument("--lr", type=float, help="learning rate (default: sgd 0.05, adam 0.002)")
+    g.add_argument("--momentum", type=float)
+    g = p.add_argument_group("running")
+    g.add_argument("--config", metavar="FILE", help="TOML file with any of the settings above")
+    g.add_argument("--quick", action="store_true", help="the reduced CI grid (under 30 s)")
+    g.add_argument("--out", metavar="DIR", help="run directory (default: runs/study-DATA[-quick])")
+    g.add_argument("--device", help=f"{' or '.join(DEVICES)} (default: cpu)")
+    g.add_argument("--jobs", type=int, help="worker processes (default: one per CPU core)")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard the results already in --out and start again",
+    )
+    g.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from saved results"
+    )
+    return p
+
+
+FLAG_FIELDS = (
+    "models precisions bias batchnorm seeds kinks ties extra_policies noise_floor data epochs "
+    "batch_size width channels train_size test_size optimizer lr momentum device jobs"
+).split()
+
+
+def settings_from(args: argparse.Namespace) -> dict[str, Any]:
+    from .config import load_toml
+
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(load_toml(args.config))
+    for name in FLAG_FIELDS:
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = v
+    return values
+
+
+def cli(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from rich.console import Console
+
+    out_console = Console()
+    err = Console(stderr=True)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # argparse: 0 for --help, 2 for bad flags
+        return int(e.code or 0)
+
+    from .config import build
+
+    try:
+        cfg = build(settings_from(args), quick=args.quick)
+    except ConfigError as e:
+        err.print(f"[bold red]kinkgrad study: error:[/] {e}", highlight=False)
+        return EXIT_CONFIG
+    out = Path(args.out or f"runs/study-{cfg.data}{'-quick' if cfg.quick else ''}")
+    os.environ["KINKGRAD_STUDY_COMMAND"] = " ".join(["kinkgrad study", *argv])
+
+    dist_rank = _init_distributed(cfg)
+    try:
+        if dist_rank > 0:
+            from .runner import follow_study
+
+            return follow_study(cfg)
+        return _lead(cfg, out, args, out_console, err)
+    finally:
+        _end_distributed()
+
+
+def _lead(cfg, out: Path, args, console, err) -> int:
+    from . import report, results
+    from .runner import run_study
+
+    if args.report_only:
+        return _report_only(out, cfg, console, err)
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    log = lambda msg: err.print(msg, highlight=False)
+    warn = lambda msg: err.print(f"[yellow]warning:[/] {msg}", highlight=False)
+    grid = cfg.grid()
+    start = time.perf_counter()
+    progress = Progress(
+        TextColumn("[bold]study[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        console=err,
+        transient=False,
+    )
+    log(f"kinkgrad study: {len(grid)} configurations -> {out}")
+    try:
+        with progress:
+            task = progress.add_task("", total=len(grid))
+
+            def advance(rec: dict[str, Any]) -> None:
+                progress.update(task, advance=1, description=rec["id"])
+
+            def on_resume(n: int) -> None:
+                progress.update(task, completed=n)
+
+            records, manifest = run_study(
+                cfg,
+                out,
+                log=log,
+                warn=warn,
+                progress=advance,
+                overwrite=args.overwrite,
+                on_resume=on_resume,
+            )
+    except results.LockedError as e:
+        err.print(f"[bold red]kinkgrad study: refused:[/] {e}", highlight=False)
+        return EXIT_LOCKED
+    except ConfigError as e:
+        err.print(f"[bold red]kinkgrad study: error:[/] {e}", highlight=False)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        saved = results.ResultStore(out)
+        saved.load()
+        n = len(saved.done(cfg.settings_hash(_world())))
+        err.print(
+            f"\n[bold yellow]interrupted:[/] {n} of {len(grid)} configurations are saved in "
+            f"{out}; run the same command again to finish the rest",
+            highlight=False,
+        )
+        return EXIT_INTERRUPTED
+    train_s = time.perf_counter() - start
+    t0 = time.perf_counter()
+    manifest["wall_seconds"] = round(train_s, 2)
+    paths = report.write(out, records, manifest)
+    manifest["report_seconds"] = round(time.perf_counter() - t0, 2)
+    results.write_manifest(out, manifest)
+    summary_table(records, console)
+    console.print(
+        f"done in {time.perf_counter() - start:.1f} s (training {train_s:.1f} s, report "
+        f"{manifest['report_seconds']:.1f} s). Report: {paths[0]} and {paths[1]}",
+        highlight=False,
+    )
+    return 0
+
+
+def _e(x: float) -> str:
+    return "n/a" if x != x else "0" if x == 0 else f"{x:.0e}"
+
+
+def _report_only(out: Path, cfg, console, err) -> int:
+    """Rewrite CSV, plots and report from the results saved in `out`."""
+    from . import report, results
+
+    try:
+        with results.lock(out):
+            manifest = results.read_manifest(out)
+            store = results.ResultStore(out)
+            for w in store.load():
+                err.print(f"[yellow]warning:[/] {w}", highlight=False)
+            done = store.done(manifest["settings_hash"]) if manifest else {}
+            if not done:
+                err.print(f"[bold red]kinkgrad study: error:[/] no results in {out}")
+                return EXIT_CONFIG
+            records = [done[k.id] for k in cfg.grid() if k.id in done] or list(done.values())
+            store.write_csv(records)
+            paths = report.write(out, records, manifest)
+    except FileNotFoundError:
+        err.print(f"[bold red]kinkgrad study: error:[/] no results in {out}")
+        return EXIT_CONFIG
+    except results.LockedError as e:
+        err.print(f"[bold red]kinkgrad study: refused:[/] {e}", highlight=False)
+        return EXIT_LOCKED
+    console.print(f"report: {paths[0]}  {paths[1]}")
+    return 0
+
+
+SHORT = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def summary_table(records: list[dict[str, Any]], console) -> None:
+    """One row per model and precision, pooled over bias modes, batch norm and seeds."""
+    from rich import box
+    from rich.table import Table
+
+    from . import analysis as A
+    from .report import pct, per_million
+
+    alts = A.alt_names(records)
+    alt = alts[0] if alts else None
+    t = Table(
+        title="Does the derivative at the kink matter?",
+        title_justify="left",
+        caption=(
+            "ReLU 0s: exact hits per 1e6 ReLU inputs; ties: share of max-pool windows with "
+            "a tie (reference run). grad Δ: share of minibatches whose gradient changes "
+            "bitwise with the policy, same weights. Δacc: final accuracy change in points, "
+            "mean±sd, kink pair and 1-ulp pair. drift: final relative L2 distance."
+        ),
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+    )
+    for col in ("run", "n", "ReLU 0s", "ties", "grad Δ", "Δacc kink", "Δacc ulp", "drift k/u"):
+        t.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
+    compact = lambda ms: "n/a" if not ms[2] else f"{ms[0]:+.1f}±{ms[1]:.1f}"
+    for (m, p), rs in A.group(records, "model", "precision").items():
+        c = A.cell(rs, alt) if alt else None
+        watch = any(r["watch"] for r in rs)
+        t.add_row(
+            f"{m.upper()} {SHORT.get(p, p)}",
+            str(len(rs)),
+            per_million(c["hits"], "relu") if watch and c else "n/a",
+            pct(A.rate(c["hits"], "pool"), 0) if watch and c and m == "cnn" else "",
+            pct(c["differ_fraction"], 0) if c else "",
+            compact(c["delta_alt"]) if c else "",
+            compact(c["delta_ulp"]) if c else "",
+            f"{_e(c['rel_l2_alt'])}/{_e(c['rel_l2_ulp'])}" if c else "",
+        )
+    console.print(t)
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _init_distributed(cfg) -> int:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; return this rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if cfg.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if cfg.device == "cuda" else "gloo")
+    return dist.get_rank()
+
+
+def _end_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

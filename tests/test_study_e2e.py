@@ -1,0 +1,130 @@
+"""The study end to end, in fresh processes: `kinkgrad study --quick` (what CI runs),
+a kill -9 in the middle and a resume, and data-parallel under torchrun (2 CPU ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kinkgrad.study import config, data, results, train
+from kinkgrad.study.config import RunKey
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run in a new session, so a hang kills the whole process group (torchrun's ranks)."""
+    env = {**os.environ, "COLUMNS": "120", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(args)}\n{err[-2000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / results.RESULTS).read_text().splitlines() if x]
+
+
+def strip(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k not in ("elapsed_s", "cpu_s", "checksum")}
+
+
+def test_quick_study_end_to_end(tmp_path):
+    out = tmp_path / "quick"
+    t0 = time.perf_counter()
+    p = run([sys.executable, "-m", "kinkgrad.study", "--quick", "--out", str(out)])
+    elapsed = time.perf_counter() - t0
+    assert p.returncode == 0, p.stderr
+    assert elapsed < 90  # the budget is 30 s on 2 idle cores; CI machines may be busy
+    quick = config.build({}, quick=True)
+    recs = records(out)
+    assert sorted(r["id"] for r in recs) == sorted(k.id for k in quick.grid())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["environment"]["torch"] and manifest["seeds"] == [0]
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + len(recs)
+    md = (out / "report.md").read_text()
+    assert md.startswith("# Does the derivative at the kink matter?")
+    assert "**Answer in numbers.**" in md.split("\n## ")[0]
+    assert "Compared with published figures" in md and "Bertoin" in md
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "<table>" in page
+    for name in ("bifurcation", "kink_hits", "divergence", "accuracy"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 10_000
+    assert "Does the derivative at the kink matter?" in p.stdout  # summary table
+    # Worker processes (--jobs defaults to one per core) give the same bits as this one.
+    key = RunKey("cnn", "float16", "fused", False, 0)
+    here = train.run_config(quick, key, data.load("digits", quick.train_size))
+    there = next(r for r in recs if r["id"] == key.id)
+    assert json.loads(json.dumps(results.clean(strip(here)))) == {
+        k: v for k, v in strip(there).items() if k in here
+    }
+
+
+@pytest.mark.slow  # ~10 s; the in-process interrupt test covers resume by default
+def test_kill_9_then_resume(tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "kinkgrad.study", "--models", "mlp", "--bias", "fused"]
+    args += ["--batchnorm", "off", "--seeds", "0,1", "--epochs", "1", "--jobs", "1"]
+    args += ["--train-size", "320", "--out", str(out)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    path = out / results.RESULTS
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if path.exists() and path.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {r["id"]: strip(r) for r in records(out)}
+    assert 2 <= len(done_before) < 8 and (out / results.LOCK).exists()  # a stale lock
+    p = run(args)
+    assert p.returncode == 0, p.stderr
+    assert "stale lock" in p.stderr and "resuming" in p.stderr
+    after = records(out)
+    assert len(after) == 8 and len({r["id"] for r in after}) == 8
+    assert all(strip(r) == done_before[r["id"]] for r in after if r["id"] in done_before)
+
+
+def test_torchrun_data_parallel_two_cpu_ranks(tmp_path):
+    out = tmp_path / "ddp"
+    p = run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + ["-m", "kinkgrad.study", "--quick", "--models", "cnn", "--precisions", "float32"]
+        + ["--out", str(out)],
+        timeout=180,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    (rec,) = records(out)
+    assert rec["world_size"] == 2
+    # Each rank saw half of every minibatch; the counts are summed over both ranks, so
+    # they cover the whole data exactly as one process does.
+    quick = config.build({"models": ["cnn"], "precisions": ["float32"]}, quick=True)
+    key = quick.grid()[0]
+    single = train.run_config(quick, key, data.load("digits", quick.train_size))
+    for layer, d in single["epochs"][0]["counts"]["ref"].items():
+        got = rec["epochs"][0]["counts"]["ref"][layer]
+        assert got["elements"] == d["elements"] and got["sites"] == d["sites"], layer
+    assert rec["steps"] == single["steps"]
+    assert (out / "report.md").exists()
