@@ -75,7 +75,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules import module as nn_module
 
-from . import watch_report
+from . import ops, watch_report
 from .families import Elementwise, Jump, Pool, Selection, _to_device
 from .intercept import acquire, release
 from .policy import STATE
@@ -581,7 +581,8 @@ class Watcher:
         if name is None:
             return
         if module is self.model:
-            if self._root_depth == 0 and not self._manual:
+            # A forward replayed by certification (its tangent pass) is not a new step.
+            if self._root_depth == 0 and not self._manual and not ops.REPLAY.active:
                 if self._forwards:
                     self._step += 1
                 self._forwards += 1

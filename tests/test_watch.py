@@ -755,3 +755,15 @@ def test_cuda_bit_for_bit():
         watched = _grads(policy, True, x)
         for a, b in zip(plain, watched, strict=True):
             assert torch.equal(a, b)
+
+
+def test_certified_replays_are_not_new_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    with torch.no_grad():
+        model[0].bias.zero_()
+    x = torch.zeros(4, 2)  # every hidden pre-activation sits on the kink: a tangent pass runs
+    with kg.watch(model) as w:
+        for _ in range(3):
+            kg.certified_backward(lambda m, b: m(b).sum(), model, x, seed=0)
+    assert w.current_step == 2  # three forwards: steps 0, 1, 2
