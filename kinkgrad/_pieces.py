@@ -30,6 +30,7 @@ from .families import (
     _is_float,
     _needs_grad,
     _run_with_input_fix,
+    check_node_inputs,
 )
 
 _INF = math.inf
@@ -242,11 +243,7 @@ class _Kinks(_Piece):
         n = self.n
 
         def hook(grad_inputs: tuple, grad_outputs: tuple) -> tuple:
-            if len(grad_inputs) != n:
-                raise RuntimeError(
-                    f"kinkgrad: autograd node {type(node).__name__} has {len(grad_inputs)} "
-                    f"inputs, expected {n}; please report this PyTorch version"
-                )
+            check_node_inputs(node, grad_inputs, n)
             g = grad_outputs[0]
             if g is None or not self.seen:
                 return grad_inputs

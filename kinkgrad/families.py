@@ -219,15 +219,21 @@ class Elementwise(Family):
         return mask
 
 
+def check_node_inputs(node: Any, grad_inputs: tuple, expected: int) -> None:
+    """A hook replaces gradients by position: refuse a node whose inputs differ from
+    the catalog's (a PyTorch version that changed the op's signature)."""
+    if len(grad_inputs) != expected:
+        raise RuntimeError(
+            f"kinkgrad: autograd node {type(node).__name__} has {len(grad_inputs)} "
+            f"inputs, expected {expected}; please report this PyTorch version"
+        )
+
+
 def _replace_at_kinks(node: Any, terms: list[tuple[Tensor, tuple]], n_inputs: int) -> None:
     """Post-hook on the op's own autograd node: grad_in := g * coef where mask holds."""
 
     def hook(grad_inputs: tuple, grad_outputs: tuple) -> tuple:
-        if len(grad_inputs) != n_inputs:
-            raise RuntimeError(
-                f"kinkgrad: autograd node {type(node).__name__} has {len(grad_inputs)} "
-                f"inputs, expected {n_inputs}; please report this PyTorch version"
-            )
+        check_node_inputs(node, grad_inputs, n_inputs)
         g = grad_outputs[0]
         if g is None:
             return grad_inputs

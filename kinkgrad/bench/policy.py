@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 import kinkgrad as kg
 
-from .timing import MODELS, interleaved, mlp, report
+from .timing import MODELS, interleaved, report, training_step
 
 GOALS = {"large": 1.05, "small": 1.30}
-
-
-def _step(sizes: tuple[int, ...], batch: int, use_policy: bool):
-    model = mlp(sizes)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, sizes[0], generator=gen)
-    y = torch.randint(0, sizes[-1], (batch,), generator=gen)
-
-    def step() -> None:
-        if use_policy:
-            with kg.policy(relu=1.0):
-                loss = F.cross_entropy(model(x), y)
-        else:
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+LABEL = "kg.policy(relu=1.0)"
 
 
 def main(steps: int = 40, extra: list[str] | None = None) -> dict[str, float]:
@@ -37,12 +15,12 @@ def main(steps: int = 40, extra: list[str] | None = None) -> dict[str, float]:
     for title, (sizes, batch) in MODELS.items():
         medians = interleaved(
             {
-                "plain PyTorch": _step(sizes, batch, False),
-                "kg.policy(relu=1.0)": _step(sizes, batch, True),
+                "plain PyTorch": training_step(sizes, batch),
+                LABEL: training_step(sizes, batch, lambda model: kg.policy(relu=1.0)),
             },
             steps=steps,
         )
         goal = GOALS["large" if sizes[1] >= 1024 else "small"]
         ratios = report(f"policy overhead, training step, {title}", medians, "plain PyTorch", goal)
-        out[title] = ratios["kg.policy(relu=1.0)"]
+        out[title] = ratios[LABEL]
     return out

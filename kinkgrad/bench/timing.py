@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,31 @@ def mlp(sizes: tuple[int, ...], seed: int = 0) -> nn.Sequential:
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+def training_step(
+    sizes: tuple[int, ...],
+    batch: int,
+    around_forward: Callable[[nn.Module], AbstractContextManager] | None = None,
+) -> Callable[[], None]:
+    """One SGD training step on a fresh `mlp(sizes)` and a fixed random batch; the
+    forward (and loss) runs inside `around_forward(model)`, called anew every step."""
+    import torch.nn.functional as F
+
+    model = mlp(sizes)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, sizes[0], generator=gen)
+    y = torch.randint(0, sizes[-1], (batch,), generator=gen)
+
+    def step() -> None:
+        with around_forward(model) if around_forward else nullcontext():
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
 
 
 def interleaved(
