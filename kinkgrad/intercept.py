@@ -36,7 +36,7 @@ class _KinkMode(TorchFunctionMode):
 class _Depth(threading.local):
     def __init__(self) -> None:
         self.count = 0
-        self.mode: _KinkMode | None = None
+        self.mode = _KinkMode()  # one per thread, entered and left as often as needed
 
 
 _DEPTH = _Depth()
@@ -45,16 +45,14 @@ _DEPTH = _Depth()
 def acquire() -> None:
     """Make sure the interception mode is on (reference counted, per thread)."""
     if _DEPTH.count == 0:
-        _DEPTH.mode = _KinkMode()
         _DEPTH.mode.__enter__()
     _DEPTH.count += 1
 
 
 def release() -> None:
     _DEPTH.count -= 1
-    if _DEPTH.count == 0 and _DEPTH.mode is not None:
-        mode, _DEPTH.mode = _DEPTH.mode, None
-        mode.__exit__(None, None, None)
+    if _DEPTH.count == 0:
+        _DEPTH.mode.__exit__(None, None, None)
 
 
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -12,6 +12,7 @@ import math
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -98,7 +99,29 @@ def _default_applies(spec: OpSpec, value: object) -> bool:
 
 
 def make_frame(op_values: Mapping[str, object], default: object = None) -> dict[str, Value]:
-    """Validate `op_values` (and `default`) against the catalog into one frame."""
+    """Validate `op_values` (and `default`) against the catalog into one frame.
+
+    Frames are read-only once made; a training loop that opens the same `policy(...)`
+    every step gets the same frame back instead of validating it again.
+    """
+    try:
+        # Types are part of the key: True == 1.0 as a dict key, but only one is valid.
+        key = (type(default), default, tuple((k, type(v), v) for k, v in op_values.items()))
+        hash(key)
+    except TypeError:  # unhashable values: validate (and refuse) without caching
+        return _make_frame(op_values, default)
+    frame = _FRAMES.get(key)
+    if frame is None:
+        frame = _FRAMES[key] = _make_frame(op_values, default)
+        if len(_FRAMES) > 256:  # bounded: policies are few, but keys could be generated
+            _FRAMES.pop(next(iter(_FRAMES)))
+    return frame
+
+
+_FRAMES: dict[tuple, dict[str, Value]] = {}
+
+
+def _make_frame(op_values: Mapping[str, object], default: object) -> dict[str, Value]:
     from .catalog import catalog, spec_by_name
 
     frame: dict[str, Value] = {}
@@ -143,7 +166,7 @@ def pop_frame(frame: dict[str, Value]) -> None:
 
 
 @contextmanager
-def policy(default: object = None, **op_values: object) -> Iterator[dict[str, Value]]:
+def policy(default: object = None, **op_values: object) -> Iterator[Mapping[str, Value]]:
     """Choose the derivative at kinks for every catalog op called inside the block.
 
     **Arguments**: `default` applies to every op of the kind it fits (a number to every
@@ -151,7 +174,7 @@ def policy(default: object = None, **op_values: object) -> Iterator[dict[str, Va
     name ops of `kinkgrad.catalog()`. Inner blocks win per op. Values are captured when
     the forward runs, so `backward()` may run after the block.
 
-    **Returns**: the validated frame (op name -> value).
+    **Returns**: the validated frame (op name -> value), read-only.
 
     >>> import torch, kinkgrad as kg
     >>> x = torch.zeros(3, requires_grad=True)
@@ -166,7 +189,7 @@ def policy(default: object = None, **op_values: object) -> Iterator[dict[str, Va
     push_frame(frame)
     acquire()
     try:
-        yield frame
+        yield MappingProxyType(frame)
     finally:
         release()
         pop_frame(frame)
