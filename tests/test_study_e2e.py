@@ -66,8 +66,8 @@ def test_quick_study_end_to_end(tmp_path):
     assert "**Answer in numbers.**" in md.split("\n## ")[0]
     assert "Compared with published figures" in md and "Bertoin" in md
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and "<table>" in page
-    for name in ("bifurcation", "kink_hits", "divergence", "accuracy"):
+    assert page.count("data:image/png;base64,") == 5 and "<table>" in page
+    for name in ("bifurcation", "kink_hits", "divergence", "accuracy", "crossings"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 10_000
     assert "Does the derivative at the kink matter?" in p.stdout  # summary table
     # Worker processes (--jobs defaults to one per core) give the same bits as this one.

@@ -159,3 +159,95 @@ def where_changed(records: list[Record], alt: str) -> dict[str, tuple[int, float
                 c[0] += n
                 c[1] = max(c[1], rel if rel is not None else math.inf)
     return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------
+# certified runs: certification and kink crossings of SGD steps
+# --------------------------------------------------------------------------------------
+
+
+def certified_names(records: list[Record]) -> list[str]:
+    """Runs of certifying policies (those with a "certified" section), in first-seen order."""
+    names: list[str] = []
+    for r in records:
+        names += [n for n in r.get("certified", {}) if n not in names]
+    return names
+
+
+def certified_cell(records: list[Record], name: str) -> dict[str, Any]:
+    """The certified run `name`'s numbers pooled over `records` (those that have it):
+    steps, certification (and why not), kinks hit, and the kink crossings of its SGD
+    steps (per measured step: mean, max, share crossing >= 1, median radius relative to
+    the step), with ReLU sign changes per ReLU input where the watch counted sites."""
+    rs = [r for r in records if name in r.get("certified", {})]
+    keys = (
+        "steps",
+        "certified_steps",
+        "uncertified_steps",
+        "uncertified_jumps",
+        "uncertified_unresolved",
+        "kinks_hit",
+        "unresolved",
+        "jumps_hit",
+        "tangent_passes",
+        "measured_steps",
+        "crossings",
+        "crossing_steps",
+    )
+    out: dict[str, Any] = dict.fromkeys(keys, 0)
+    by_op: dict[str, int] = defaultdict(int)
+    undecided: dict[str, int] = defaultdict(int)
+    per_step: list[int] = []
+    radii: list[float] = []
+    relu_sites = relu_steps = 0
+    for r in rs:
+        c = r["certified"][name]
+        for k in keys:
+            out[k] += c.get(k) or 0
+        for op, n in c.get("crossings_by_op", {}).items():
+            by_op[op_kind(op)] += n
+        for op, v in c.get("by_op", {}).items():
+            undecided[op] += v.get("unresolved", 0)
+        s = c.get("series", {})
+        per_step += s.get("crossings", [])
+        radii += [math.inf if v is None else v for v in s.get("radius", [])]
+        relu = counts_by_op(r, name).get("relu")
+        if relu and c.get("measured_steps"):
+            relu_sites += relu.get("sites") or relu.get("elements", 0)
+            relu_steps += r["steps"]
+    m = out["measured_steps"]
+    out["configs"] = len(rs)
+    dirs = sorted({str(r["certified"][name].get("max_directions")) for r in rs})
+    out["max_directions"] = "/".join(dirs) if dirs else "n/a"
+    out["crossings_by_op"] = dict(by_op)
+    out["undecided_by_op"] = {k: v for k, v in undecided.items() if v}
+    out["crossings_mean"] = out["crossings"] / m if m else math.nan
+    out["crossings_max"] = max(per_step) if per_step else math.nan
+    out["crossing_share"] = out["crossing_steps"] / m if m else math.nan
+    out["stay_share"] = 1 - out["crossing_share"] if m else math.nan
+    out["radius_median"] = statistics.median(radii) if radii else math.nan
+    out["certified_share"] = out["certified_steps"] / out["steps"] if out["steps"] else math.nan
+    # ReLU inputs per step, and the share of them that change sign during a step
+    out["relu_sites_per_step"] = relu_sites / relu_steps if relu_steps else math.nan
+    relu_mean = by_op.get("relu", 0) / m if m else math.nan
+    out["relu_crossings_mean"] = relu_mean
+    out["relu_crossing_rate"] = (
+        relu_mean / out["relu_sites_per_step"] if relu_steps and relu_sites else math.nan
+    )
+    return out
+
+
+def certified_series(records: list[Record], name: str) -> tuple[list[int], dict[str, list]]:
+    """Per measured step, the median over `records` of crossings and radius (configs
+    whose series have the same steps; others are left out)."""
+    rs = [r for r in records if name in r.get("certified", {})]
+    if not rs:
+        return [], {}
+    steps = rs[0]["certified"][name]["series"]["step"]
+    same = [r["certified"][name]["series"] for r in rs]
+    same = [s for s in same if s["step"] == steps]
+    cols = {}
+    for k in ("crossings", "radius"):
+        rows = [[math.inf if v is None else v for v in s[k]] for s in same]
+        cols[k] = [statistics.median(col) for col in zip(*rows, strict=True)]
+    return steps, cols

@@ -52,9 +52,11 @@ def parser() -> argparse.ArgumentParser:
         prog="kinkgrad study",
         description=(
             "Does the derivative at the kink matter? Trains paired runs that differ only in "
-            "ReLU'(0) (and the max-pool tie rule), plus a one-ulp noise-floor pair, over a "
-            "grid of models, precisions, bias modes, batch norm and seeds, and writes a "
-            "report. Rerun the same command to resume an interrupted study."
+            "ReLU'(0) (and the max-pool tie rule), plus a one-ulp noise-floor pair and (for "
+            "the first seed) a run trained with certified gradients that counts the kinks "
+            "each SGD step crosses, over a grid of models, precisions, bias modes, batch "
+            "norm and seeds, and writes a report. Rerun the same command to resume an "
+            "interrupted study."
         ),
         epilog="Lists are comma-separated. Precedence: defaults < --quick < --config < flags.",
     )
@@ -73,7 +75,23 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--ties", type=_list(), help="max-pool tie rule of each run (default: first,split)"
     )
-    g.add_argument("--extra-policies", type=_list(), help="further registered policies by name")
+    g.add_argument(
+        "--extra-policies",
+        type=_list(),
+        help="further registered policies by name, or none (default: certified: trained "
+        "with kinkgrad.certified_backward, recording the kinks each SGD step crosses)",
+    )
+    g.add_argument(
+        "--extra-seeds",
+        type=int,
+        help="train the extra policies for the first N seeds only; 0: every seed (default: 1)",
+    )
+    g.add_argument(
+        "--crossings-every",
+        type=int,
+        metavar="K",
+        help="measure a certified run's kink crossings every K-th step; 0: never (default: 1)",
+    )
     g.add_argument(
         "--no-noise-floor",
         dest="noise_floor",
@@ -110,8 +128,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 FLAG_FIELDS = (
-    "models precisions bias batchnorm seeds kinks ties extra_policies noise_floor data epochs "
-    "batch_size width channels train_size test_size optimizer lr momentum device jobs"
+    "models precisions bias batchnorm seeds kinks ties extra_policies extra_seeds "
+    "crossings_every noise_floor data epochs batch_size width channels train_size test_size "
+    "optimizer lr momentum device jobs"
 ).split()
 
 
@@ -125,6 +144,8 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, name)
         if v is not None:
             values[name] = v
+    if [str(v).lower() for v in values.get("extra_policies") or ()] == ["none"]:
+        values["extra_policies"] = []
     return values
 
 
@@ -317,6 +338,19 @@ def summary_table(records: list[dict[str, Any]], console) -> None:
             f"{_e(c['rel_l2_alt'])}/{_e(c['rel_l2_ulp'])}" if c else "",
         )
     console.print(t)
+    for name in A.certified_names(records):
+        parts = []
+        for (m,), rs in A.group(records, "model").items():
+            c = A.certified_cell(rs, name)
+            if c["measured_steps"]:
+                parts.append(
+                    f"{m.upper()} {c['crossings_mean']:.0f} kinks crossed per SGD step "
+                    f"(mean), {pct(c['stay_share'], 0)} of steps stay on one linear piece, "
+                    f"radius {pct(c['radius_median'])} of the step, "
+                    f"{pct(c['certified_share'], 0)} of steps certified"
+                )
+        if parts:
+            console.print(f"Certified run: {'; '.join(parts)}.", highlight=False)
 
 
 def _world() -> int:

@@ -67,8 +67,9 @@ class StudyConfig:
     """All settings of one study. Defaults are the default study (`kinkgrad study`).
 
     The default sizes were chosen so that the default grid (96 configurations, each a
-    reference run, a policy run and a noise-floor run in lockstep) finishes within three
-    minutes on two CPU cores; see `QUICK` for the CI grid.
+    reference run, a policy run and a noise-floor run in lockstep, plus a certified run
+    for the first seed's 32 configurations) finishes within three minutes on two CPU
+    cores; see `QUICK` for the CI grid.
     """
 
     # --- grid axes ---
@@ -79,11 +80,16 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     # --- policies: run i uses ReLU'(0) = kinks[i] and max-pool tie rule ties[i]; run 0
     # is the reference every other policy is compared with. `extra_policies` names
-    # further registered policies (`kinkgrad.study.policies.REGISTRY`).
+    # further registered policies (`kinkgrad.study.policies.REGISTRY`), trained for the
+    # first `extra_seeds` seeds of the grid only (0: every seed): the certified policy
+    # costs about as much as the rest of a configuration together.
     kinks: tuple[Any, ...] = (0.0, 1.0)
     ties: tuple[str, ...] = ("first", "split")
-    extra_policies: tuple[str, ...] = ()
+    extra_policies: tuple[str, ...] = ("certified",)
+    extra_seeds: int = 1
     noise_floor: bool = True
+    # a certified policy's kink crossings are measured every k-th step (0: never)
+    crossings_every: int = 1
     # --- fixed settings ---
     data: str = "digits"
     epochs: int = 3
@@ -112,6 +118,12 @@ class StudyConfig:
             for s in self.seeds
         ]
 
+    def extra_for(self, key: RunKey) -> tuple[str, ...]:
+        """The extra policies configuration `key` trains (see `extra_seeds`)."""
+        if self.extra_seeds and key.seed not in self.seeds[: self.extra_seeds]:
+            return ()
+        return self.extra_policies
+
     @property
     def learning_rate(self) -> float:
         if self.lr:
@@ -135,7 +147,9 @@ class StudyConfig:
             "kinks": [_jsonable(k) for k in self.kinks],
             "ties": list(self.ties),
             "extra_policies": list(self.extra_policies),
+            "extra_seeds": self.extra_seeds,
             "noise_floor": self.noise_floor,
+            "crossings_every": self.crossings_every,
             "device": self.device,
         }
 
@@ -169,7 +183,7 @@ class StudyConfig:
         _one_of("device", self.device, DEVICES)
         for name, lo in (("epochs", 1), ("batch_size", 1), ("width", 1), ("channels", 1)):
             _int_at_least(name, getattr(self, name), lo)
-        for name in ("train_size", "test_size", "jobs"):
+        for name in ("train_size", "test_size", "jobs", "crossings_every", "extra_seeds"):
             _int_at_least(name, getattr(self, name), 0)
         for name in ("lr", "momentum"):
             v = getattr(self, name)
@@ -206,8 +220,15 @@ class StudyConfig:
                     f"extra_policies: unknown policy {name!r}; registered: "
                     f"{', '.join(sorted(REGISTRY)) or '(none)'}"
                 )
-        if len(self.kinks) + len(self.extra_policies) < 2 and not self.noise_floor:
-            raise ConfigError("nothing to compare: give two policies or keep the noise floor")
+        if len(set(self.extra_policies)) != len(self.extra_policies):
+            raise ConfigError(f"extra_policies: duplicate values in {list(self.extra_policies)}")
+        everywhere = not self.extra_seeds or self.extra_seeds >= len(self.seeds)
+        n = len(self.kinks) + (len(self.extra_policies) if everywhere else 0)
+        if n < 2 and not self.noise_floor:
+            raise ConfigError(
+                "nothing to compare: give two policies or keep the noise floor"
+                + ("" if everywhere else " (extra policies run for the first extra_seeds seeds)")
+            )
 
 
 def _jsonable(v: Any) -> Any:

@@ -75,6 +75,11 @@ def make_all(records: list[dict[str, Any]], directory: Path) -> list[Figure]:
         out.append(kink_hits(records, directory / "kink_hits.png"))
     out.append(divergence(records, alt, directory / "divergence.png"))
     out.append(accuracy(records, alt, directory / "accuracy.png"))
+    for name in A.certified_names(records):
+        fig = crossings(records, name, directory / "crossings.png")
+        if fig is not None:
+            out.append(fig)
+        break  # one certified policy per study is plotted
     return out
 
 
@@ -116,12 +121,11 @@ def _grouped_bars(ax, records, groups, precisions, value, *, log=False, marker=N
                     ax.plot(x, m, ls="", marker="D", ms=6, color="black", mec="white", mew=1)
     ax.set_xticks(range(len(precisions)), precisions)
     ax.set_xlim(-0.5, len(precisions) - 0.5)
-    if log:
+    if log and tops:  # all zero (a tiny grid): a log axis has nothing to show
         ax.set_yscale("log")
-        if tops:
-            lo = 10 ** math.floor(math.log10(min(tops))) / 3
-            hi = 10 ** math.ceil(math.log10(max(tops)) + 0.3)
-            ax.set_ylim(lo, hi)
+        lo = 10 ** math.floor(math.log10(min(tops))) / 3
+        hi = 10 ** math.ceil(math.log10(max(tops)) + 0.3)
+        ax.set_ylim(lo, hi)
     return tops
 
 
@@ -329,3 +333,107 @@ def accuracy(records, alt, path: Path) -> Figure:
         "configuration's difference to the reference run of the same seed (small points) and "
         "their mean ± sd.",
     )
+
+
+def _smooth(ys: list[float], window: int) -> list[float]:
+    """Centered moving average (shorter at the ends)."""
+    out = []
+    h = window // 2
+    for i in range(len(ys)):
+        part = [v for v in ys[max(0, i - h) : i + h + 1] if math.isfinite(v)]
+        out.append(sum(part) / len(part) if part else math.nan)
+    return out
+
+
+def crossings(records, name: str, path: Path) -> Figure | None:
+    """Kinks crossed per SGD step (top) and the linearization radius relative to the step
+    (bottom) against the step, one line per precision, one column per model."""
+    rs = [r for r in records if name in r.get("certified", {})]
+    if not any(r["certified"][name]["series"]["step"] for r in rs):
+        return None
+    plt = _plt()
+    from matplotlib.lines import Line2D
+
+    models = _present(rs, "model", ("mlp", "cnn"))
+    precisions = _present(rs, "precision", PRECISIONS)
+    fig, axes = plt.subplots(
+        2, len(models), figsize=(5.2 * len(models) + 2.0, 7.0), squeeze=False, sharex="col"
+    )
+    window = 1
+    for col, model in enumerate(models):
+        ax, rax = axes[0][col], axes[1][col]
+        for p in precisions:
+            steps, cols = A.certified_series(_select(rs, model=model, precision=p), name)
+            if not steps:
+                continue
+            window = max(1, len(steps) // 15) | 1
+            color = PRECISION_COLORS.get(p, "grey")
+            # float64 dashed and on top: it often coincides with float32
+            bold = dict(color=color, lw=1.8, ls=(0, (4, 2)) if p == "float64" else "-")
+            bold["zorder"] = 3 if p == "float64" else 2
+            ys = [float(v) for v in cols["crossings"]]
+            ax.plot(steps, ys, color=color, lw=0.6, alpha=0.25)
+            ax.plot(steps, _smooth(ys, window), **bold)
+            radius = [v if v > 0 else math.nan for v in cols["radius"]]
+            rax.plot(steps, radius, color=color, lw=0.6, alpha=0.25)
+            logs = [math.log10(v) if math.isfinite(v) else math.nan for v in radius]
+            rax.plot(steps, [10**v for v in _smooth(logs, window)], **bold)
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{MODEL_NAMES.get(model, model)}: kinks crossed per SGD step")
+        rax.set_yscale("log")
+        rax.axhline(1, color="black", lw=0.8, ls="--")
+        rax.set_title(f"{MODEL_NAMES.get(model, model)}: first kink reached after ... of the step")
+        rax.set_xlabel("training step")
+        if col == 0:
+            ax.set_ylabel("kinks crossed (median over configurations)")
+            rax.set_ylabel("linearization radius / step\n(median; 1 = whole step linear)")
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=PRECISION_COLORS.get(p, "grey"),
+            lw=2.5,
+            ls="--" if p == "float64" else "-",
+        )
+        for p in precisions
+    ]
+    labels = list(precisions)
+    handles.append(Line2D([], [], color="grey", lw=0.6, alpha=0.5))
+    labels.append("per step")
+    axes[0][-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    label = rs[0]["policies"][name]
+    fig.suptitle(
+        f"Does an SGD step stay on one linear piece? Kinks crossed by the update of the "
+        f"`{label}` run",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    _save_paletted(fig, path)
+    plt.close(fig)
+    return (
+        path.name,
+        "Kinks crossed per SGD step",
+        "The certified run's optimizer update (new minus old weights) at each measured step: "
+        "top, how many kink-op inputs reach a kink along it (ReLU inputs crossing 0, "
+        "max-pool windows whose maximum changes hands), first-order prediction from one "
+        "forward-mode pass; bottom, the fraction of the step after which the first one is "
+        "reached (log scale; the dashed black line is the whole step). Faint: median over "
+        f"configurations per step; bold: moving average over {window} steps. float64 is "
+        "dashed and drawn over float32: where no green shows, the two coincide.",
+    )
+
+
+def _save_paletted(fig, path: Path, colors: int = 64) -> None:
+    """Save as a PNG with a `colors`-colour palette: a third of the size for plots of
+    many thin, translucent lines, with no visible difference."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, format="png")
+    buf.seek(0)
+    with Image.open(buf) as im:
+        im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT).save(
+            path, optimize=True
+        )

@@ -218,6 +218,20 @@ def flat_row(rec: dict[str, Any]) -> dict[str, Any]:
                     tot[k] += d.get(k, 0)
         for k in ("sites", "exact", "effective", "near"):
             row[f"{run}_{k}"] = tot[k]
+    for run, c in rec.get("certified", {}).items():
+        for k in (
+            "certified_steps",
+            "uncertified_steps",
+            "uncertified_unresolved",
+            "uncertified_jumps",
+            "kinks_hit",
+            "measured_steps",
+            "crossings_mean",
+            "crossings_max",
+            "crossing_share",
+            "radius_median",
+        ):
+            row[f"{run}_{k}"] = c.get(k)
     row["steps"] = rec["steps"]
     row["elapsed_s"] = rec.get("elapsed_s")
     row["cpu_s"] = rec.get("cpu_s")

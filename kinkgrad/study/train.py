@@ -21,6 +21,16 @@ the only difference. At every step the study compares gradients bit for bit:
   then on the weights differ) and how far apart the weights drift (max |diff| and
   relative L2), for the policy pairs and for the noise-floor pair alike.
 
+A policy that certifies (`policies.Certified`, `--extra-policies certified`) trains with
+`kinkgrad.certified_backward`, its directions seeded from the configuration's seed and
+the step. For it the study also records, per step, whether the gradient was certified
+(and if not, why: a jump op on its jump, or kinks no direction decided), the kinks hit,
+and how many kinks its SGD step crosses: `kinkgrad.kink_crossings` along the update the
+optimizer applies (new minus old parameters, step 1), from one forward-mode pass at the
+old parameters, with the linearization radius (the fraction of the step after which the
+first kink-op input reaches a kink). With `crossings_every` = k > 1 the crossings are
+measured every k-th step only (steps 0, k, 2k, ...).
+
 Precision on CPU: parameters, optimizer state and data are cast to the precision and
 every op runs in it (no autocast, no master weights, no loss scaling; Adam's eps is
 raised to 1e-4 in float16, where 1e-8 is not representable). That is the simplest
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,12 +65,16 @@ DTYPES = {
 }
 #: At most this many points of each per-step divergence curve are kept in a result.
 CURVE_POINTS = 200
+#: At most this many measured steps of a certified run's per-step series are kept.
+SERIES_POINTS = 1000
 
 
-def policies(cfg: StudyConfig) -> list[Policy]:
-    """The study's policies in run order; the first is the reference."""
+def policies(cfg: StudyConfig, key: RunKey | None = None) -> list[Policy]:
+    """The policies of configuration `key` (default: of any) in run order; the first is
+    the reference."""
     out = [kink_policy(k, t) for k, t in zip(cfg.kinks, cfg.ties, strict=True)]
-    out += [REGISTRY[name]() for name in cfg.extra_policies]
+    extra = cfg.extra_policies if key is None else cfg.extra_for(key)
+    out += [REGISTRY[name]() for name in extra]
     return out
 
 
@@ -75,6 +90,111 @@ class _Run:
     batches: int = 0
     nonfinite_steps: int = 0
     first_divergence: int | None = None
+    cert: _CertStats | None = None  # policies that certify only
+
+
+class _CertStats:
+    """A certified run's per-step numbers: certification (every step) and kink crossings
+    of its SGD step (every `every`-th step)."""
+
+    COUNTS = ("kinks_hit", "unresolved", "jumps_hit", "tangent_passes")
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.series: dict[str, list] = {
+            k: [] for k in ("step", "crossings", "radius", "kinks_hit", "certified")
+        }
+        self.total = self._blank()
+        self._totals_lists: dict[str, list] = {"crossings": [], "radius": []}
+        self._new_epoch()
+
+    @staticmethod
+    def _blank() -> dict[str, Any]:
+        return {
+            "steps": 0,
+            "certified_steps": 0,
+            "uncertified_steps": 0,
+            "uncertified_jumps": 0,
+            "uncertified_unresolved": 0,
+            **dict.fromkeys(_CertStats.COUNTS, 0),
+            "by_op": {},  # op -> kink hits, undecided
+            "crossings_by_op": {},
+        }
+
+    def _new_epoch(self) -> None:
+        self.epoch = self._blank()
+        self._lists: dict[str, list] = {"crossings": [], "radius": []}
+
+    def measures(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def add_step(self, res: Any) -> tuple[bool, int]:
+        """Fold in one step's `CertifiedStep` (summed over ranks by the caller)."""
+        certified = res["jumps_hit"] == 0 and res["unresolved"] == 0
+        for d in (self.epoch, self.total):
+            d["steps"] += 1
+            d["certified_steps"] += certified
+            d["uncertified_steps"] += not certified
+            d["uncertified_jumps"] += res["jumps_hit"] > 0
+            d["uncertified_unresolved"] += res["unresolved"] > 0
+            for k in self.COUNTS:
+                d[k] += res[k]
+            for op, (hits, unresolved) in res["by_op"].items():
+                row = d["by_op"].setdefault(op, {"hits": 0, "unresolved": 0})
+                row["hits"] += hits
+                row["unresolved"] += unresolved
+        return certified, res["kinks_hit"]
+
+    def add_crossings(
+        self, step: int, crossings: int, radius: float, by_op: dict, hit: int, cert: bool
+    ) -> None:
+        for lists in (self._lists, self._totals_lists):
+            lists["crossings"].append(crossings)
+            lists["radius"].append(radius)
+        for d in (self.epoch, self.total):
+            for op, n in by_op.items():
+                d["crossings_by_op"][op] = d["crossings_by_op"].get(op, 0) + n
+        s = self.series
+        s["step"].append(step)
+        s["crossings"].append(crossings)
+        s["radius"].append(_finite(radius))
+        s["kinks_hit"].append(hit)
+        s["certified"].append(cert)
+
+    @staticmethod
+    def _summary(d: dict[str, Any], lists: dict[str, list]) -> dict[str, Any]:
+        cs, rs = lists["crossings"], lists["radius"]
+        out = dict(d)
+        out["crossings_by_op"] = dict(sorted(d["crossings_by_op"].items()))
+        out["by_op"] = {k: dict(v) for k, v in sorted(d["by_op"].items())}
+        out["measured_steps"] = len(cs)
+        out["crossings"] = sum(cs)
+        out["crossings_mean"] = sum(cs) / len(cs) if cs else None
+        out["crossings_max"] = max(cs) if cs else None
+        out["crossing_steps"] = sum(c > 0 for c in cs)
+        out["crossing_share"] = sum(c > 0 for c in cs) / len(cs) if cs else None
+        # relative to the step (the step is 1 in units of the update); None: no kink is
+        # reachable along the update (infinite radius) or nothing was measured
+        out["radius_median"] = _finite(statistics.median(rs)) if rs else None
+        out["radius_min"] = _finite(min(rs)) if rs else None
+        return out
+
+    def end_epoch(self) -> dict[str, Any]:
+        out = self._summary(self.epoch, self._lists)
+        self._new_epoch()
+        return out
+
+    def result(self) -> dict[str, Any]:
+        s = self.series
+        keep = list(range(len(s["step"])))
+        if len(keep) > SERIES_POINTS:
+            stride = math.ceil(len(keep) / SERIES_POINTS)
+            keep = keep[::stride]
+        return {
+            "crossings_every": self.every,
+            **self._summary(self.total, self._totals_lists),
+            "series": {k: [v[i] for i in keep] for k, v in s.items()},
+        }
 
 
 def _dist() -> tuple[int, int]:
@@ -193,7 +313,7 @@ def _train(cfg, key, data, rank, world, on_step) -> dict[str, Any]:
 
         return DDP(module, device_ids=None if device.type == "cpu" else [device])
 
-    pols = policies(cfg)
+    pols = policies(cfg, key)
     specs = [("ref", pols[0])] + [(f"alt{i}", p) for i, p in enumerate(pols[1:], start=1)]
     if cfg.noise_floor:
         specs.append(("ulp", pols[0]))
@@ -211,6 +331,7 @@ def _train(cfg, key, data, rank, world, on_step) -> dict[str, Any]:
                 wrap(module),
                 _optimizer(cfg, module.parameters(), dtype),
                 StepCounter(module, enabled=name != "ulp"),
+                cert=_CertStats(cfg.crossings_every) if pol.certifies else None,
             )
         )
     ref, others = runs[0], runs[1:]
@@ -254,15 +375,20 @@ def _train(cfg, key, data, rank, world, on_step) -> dict[str, Any]:
                         p_s.copy_(p_r)
                 for alt in alts:
                     shadow.zero_grad(set_to_none=True)
-                    alt.policy.grad(shadow_model, F.cross_entropy, x, y, step=step)
+                    alt.policy.grad(shadow_model, F.cross_entropy, x, y, step=step, seed=key.seed)
                     same_grads[alt.name] = _grads(shadow)
 
             # 2. every run's own step
             grads = {}
+            step_cert: dict[str, tuple[bool, int]] = {}
             for r in runs:
                 r.opt.zero_grad(set_to_none=True)
                 with r.counter.step():
-                    loss = r.policy.grad(r.model, F.cross_entropy, x, y, step=step)
+                    out = r.policy.grad(r.model, F.cross_entropy, x, y, step=step, seed=key.seed)
+                loss = out
+                if r.cert is not None:
+                    loss = out.loss
+                    step_cert[r.name] = r.cert.add_step(_cert_counts(out, world, device))
                 value = float(loss)
                 if math.isfinite(value):
                     r.loss_sum += value
@@ -284,9 +410,15 @@ def _train(cfg, key, data, rank, world, on_step) -> dict[str, Any]:
                 if r.first_divergence is None and _differ(grads["ref"], grads[r.name])[0]:
                     r.first_divergence = step
 
-            # 4. step, then how far apart the runs are
+            # 4. step (measuring the kinks a certified run's step crosses), then how far
+            # apart the runs are
             for r in runs:
-                r.opt.step()
+                if r.cert is not None and r.cert.measures(step):
+                    crossings, radius, by_op = _step_crossings(r, shadow, x, y, world)
+                    certified, hit = step_cert[r.name]
+                    r.cert.add_crossings(step, crossings, radius, by_op, hit, certified)
+                else:
+                    r.opt.step()
             step += 1
             if step % stride == 0 or step == total_steps:
                 theta = _flat(ref.module)
@@ -333,6 +465,11 @@ def _train(cfg, key, data, rank, world, on_step) -> dict[str, Any]:
                 "same_weights_by_param": by_param,
                 "distance": distance,
                 "first_divergence": {r.name: r.first_divergence for r in others},
+                **(
+                    {"certified": {r.name: r.cert.end_epoch() for r in runs if r.cert}}
+                    if any(r.cert for r in runs)
+                    else {}
+                ),
             }
         )
 
@@ -368,7 +505,89 @@ def _train(cfg, key, data, rank, world, on_step) -> dict[str, Any]:
         "pairs": pairs,
         "epochs": epochs,
         "curve": {"step": curve_steps, "rel_l2": curves},
+        **(
+            {
+                "certified": {
+                    r.name: {
+                        "max_directions": getattr(r.policy, "max_directions", None),
+                        **r.cert.result(),
+                    }
+                    for r in runs
+                    if r.cert
+                }
+            }
+            if any(r.cert for r in runs)
+            else {}
+        ),
     }
+
+
+def _cert_counts(res: Any, world: int, device: torch.device) -> dict[str, Any]:
+    """A `CertifiedStep`'s counts (op -> (hits, undecided) in "by_op"), summed over the
+    ranks under DDP (collectives on `device`: NCCL needs CUDA tensors)."""
+    counts: dict[str, Any] = {
+        "kinks_hit": res.kinks_hit,
+        "unresolved": res.unresolved,
+        "jumps_hit": res.jumps_hit,
+        "tangent_passes": res.directions_used,
+    }
+    by_op = {op: (v["hits"], v["unresolved"]) for op, v in res.by_op.items()}
+    if world > 1:
+        import torch.distributed as dist
+
+        t = torch.tensor(list(counts.values()), dtype=torch.int64, device=device)
+        dist.all_reduce(t)
+        counts = dict(zip(counts, (int(v) for v in t.tolist()), strict=True))
+        by_op = _sum_dicts(by_op, world, lambda a, b: (a[0] + b[0], a[1] + b[1]))
+    counts["by_op"] = by_op
+    return counts
+
+
+def _sum_dicts(d: dict[str, Any], world: int, add: Callable[[Any, Any], Any]) -> dict[str, Any]:
+    """`d` combined over the ranks with `add` (ranks may hold different keys)."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, d)
+    out: dict[str, Any] = {}
+    for part in gathered:
+        for k, v in part.items():
+            out[k] = add(out[k], v) if k in out else v
+    return dict(sorted(out.items()))
+
+
+def _step_crossings(r: _Run, probe: nn.Module, x, y, world: int):
+    """Take run `r`'s optimizer step and return (kink crossings, linearization radius,
+    crossings by op) of that step: `kinkgrad.kink_crossings` along the update it applied
+    (new minus old parameters, step 1), evaluated at the old parameters, held by
+    `probe` (the shadow copy, free at this point of the step). Under DDP the crossings
+    of the ranks' shards are summed and the radius is their minimum."""
+    from ..certify import kink_crossings
+
+    with torch.no_grad():
+        for p_s, p_r in zip(probe.parameters(), r.module.parameters(), strict=True):
+            p_s.copy_(p_r)
+    r.opt.step()
+    with torch.no_grad():
+        update = [
+            p_r.detach() - p_s.detach()
+            for p_s, p_r in zip(probe.parameters(), r.module.parameters(), strict=True)
+        ]
+    lin = kink_crossings(
+        lambda m, x, y: F.cross_entropy(m(x), y), probe, x, y, direction=update, step=1.0
+    )
+    by_op = {op: int(v["crossings"]) for op, v in lin.by_op.items()}
+    crossings, radius = int(lin.crossings), float(lin.radius)
+    if world > 1:
+        import torch.distributed as dist
+
+        device = next(probe.parameters()).device
+        rad = torch.tensor([radius], dtype=torch.float64, device=device)
+        dist.all_reduce(rad, op=dist.ReduceOp.MIN)
+        radius = float(rad)
+        by_op = _sum_dicts(by_op, world, lambda a, b: a + b)
+        crossings = sum(by_op.values())
+    return crossings, radius, by_op
 
 
 def _local_device() -> int:
