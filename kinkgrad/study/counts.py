@@ -12,30 +12,13 @@ from typing import Any
 
 import torch
 
-#: Counted per (module, op); "sites" are where a hit can
-#: happen (elements, or max-pool windows); "samples" are batch rows with an exact hit.
-KEYS = (
-    "calls",
-    "elements",
-    "sites",
-    "exact",
-    "effective",
-    "near",
-    "subnormal",
-    "samples",
-    "nonfinite",
-)
+from ..watch import watch
+from ..watch_report import COUNTS
+
+#: Counted per (module, op), as `kinkgrad.watch` records them ("sites": where a hit can
+#: happen; "samples": batch rows with an exact hit).
+KEYS = COUNTS
 Counts = dict[str, dict[str, int]]  # "module:op" -> key -> count
-
-
-def watch_available() -> bool:
-    import importlib
-
-    try:
-        module = importlib.import_module("kinkgrad.watch")
-    except ImportError:
-        return False
-    return callable(getattr(module, "watch", None))
 
 
 class StepCounter:
@@ -45,7 +28,7 @@ class StepCounter:
 
     def __init__(self, model: torch.nn.Module, enabled: bool = True) -> None:
         self.model = model
-        self.enabled = enabled and watch_available()
+        self.enabled = enabled
         self.watcher: Any = None
 
     def step(self) -> AbstractContextManager:
@@ -53,8 +36,6 @@ class StepCounter:
         if not self.enabled:
             return nullcontext()
         if self.watcher is None:
-            from ..watch import watch
-
             self.watcher = watch(self.model)
         return self.watcher
 
