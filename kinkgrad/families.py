@@ -55,8 +55,9 @@ class Kink:
 
     def possible(self) -> bool:
         """False only if no element can be on the kink. On CPU one reduction decides
-        (counting the non-zeros of x - point is much cheaper than building the mask); on accelerators
-        asking would synchronise the host, so the answer is always True there."""
+        (counting the non-zeros of x - point is much cheaper than building the mask);
+        on accelerators asking would synchronise the host, so the answer is always True
+        there."""
         x = self.x.detach()
         if x.device.type != "cpu" or isinstance(self.point, Tensor):
             return True
