@@ -128,8 +128,6 @@ def _is_float(t: Any) -> bool:
 class Family:
     """Base: binding, running, and the exact-hit mask used by `kinkgrad.watch`."""
 
-    kind = "kink"
-
     def bind(self, func: Callable, args: tuple, kwargs: dict) -> Call:  # pragma: no cover
         raise NotImplementedError
 
@@ -268,8 +266,6 @@ class BinaryTie(Elementwise):
     argument, "split" halves it (PyTorch's choice for maximum/minimum).
     """
 
-    kind = "tie"
-
     def __init__(self, first_side: str) -> None:
         self.first_side = first_side  # "plus" for max-like, "minus" for min-like
         if first_side == "plus":  # maximum: a > b selects a
@@ -282,7 +278,6 @@ class BinaryTie(Elementwise):
         call = super().bind(func, args, kwargs)
         if len(call.inputs) != 2:
             raise TypeError(f"{func.__name__} expects two tensors")
-        call.extra["slots"] = ("other",)
         return call
 
     def value_to_number(self, value: Any) -> float:
@@ -309,8 +304,6 @@ class Selection(Family):
     gives each tied input an equal share of its value group's gradient. Both are convex
     combinations of the per-piece gradients, hence Clarke subgradients.
     """
-
-    kind = "tie"
 
     def __init__(self, mode: str, names: Sequence[str], defaults: dict[str, Any]) -> None:
         # mode: "full" (one value over all elements), "dim" (one value along a dim),
@@ -492,8 +485,6 @@ class Pool(Family):
     carried by several inputs. PyTorch gives the window's gradient to the first of
     them in scan order, which is exactly "first"; "split" shares it equally."""
 
-    kind = "tie"
-
     def __init__(self, nd: int, adaptive: bool) -> None:
         self.nd = nd
         self.adaptive = adaptive
@@ -655,8 +646,6 @@ class Jump(Family):
     surrogate: slope 1 at the jump, and everywhere for piecewise-constant ops. Both are
     reported as surrogates, never as certified.
     """
-
-    kind = "jump"
 
     def __init__(
         self,
