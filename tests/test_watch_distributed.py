@@ -55,6 +55,9 @@ def _worker(rank: int, port: int, out: str) -> None:
             "saved": str(w.save(Path(out) / "all.jsonl", all_ranks=True)),
         }
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+        # Leave together: a rank tearing gloo down while the other still talks to it
+        # can abort the process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
