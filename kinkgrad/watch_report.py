@@ -10,11 +10,12 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ._files import atomic_write
 
 #: Identify a record.
 KEYS = ("step", "module", "op", "dtype")
@@ -172,26 +173,21 @@ def save(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     the same folder is renamed over `path`, so readers never see half a file."""
     path = Path(path)
     fmt = _format(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            if fmt == "jsonl":
-                for r in records:
-                    f.write(json.dumps({k: r[k] for k in FIELDS if k in r}) + "\n")
-            else:
-                writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(records)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.StringIO(newline="")
+    if fmt == "jsonl":
+        for r in records:
+            buf.write(json.dumps({k: r[k] for k in FIELDS if k in r}) + "\n")
+    else:
+        writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    _write(path, buf.getvalue())
     return path
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    (path.parent if str(path.parent) else Path(".")).mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
 
 
 def _typed(r: dict[str, Any]) -> dict[str, Any]:
@@ -293,17 +289,9 @@ def plot(records: list[dict[str, Any]], path: str | os.PathLike, title: str = ""
             frameon=False,
         )
     fig.suptitle(heading)
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    _write(path, png.getvalue())
     return path
 
 

@@ -274,15 +274,17 @@ def test_other_settings_in_the_same_directory_are_refused(tmp_path):
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    from kinkgrad._files import atomic_write
+
     path = tmp_path / "f.txt"
-    results.atomic_write(path, "old")
+    atomic_write(path, "old")
 
     def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        results.atomic_write(path, "new")
+        atomic_write(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left behind
 

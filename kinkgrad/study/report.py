@@ -13,10 +13,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .._files import atomic_write
 from . import analysis as A
 from . import plots
 from .config import PRECISIONS
-from .results import atomic_write
 
 Block = tuple  # ("h1"|"h2"|"p"|"ul"|"table"|"img", ...)
 
