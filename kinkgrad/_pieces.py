@@ -354,17 +354,38 @@ def _lex_order(X: Tensor, keys: Sequence[Tensor]) -> Tensor:
     return perm
 
 
-class _Ties(_Piece):
-    """max/min/amax/amin/sort/topk/kthvalue/median: at x + t d (small t > 0) the
-    elements are ordered by (value, tangent along d, further directions...); the
-    selected slots take their elements in that order."""
+class _Ordered(_Piece):
+    """Tie ops: tied inputs are ordered by tangent along the directions (`keys`); the
+    op runs with its input gradient patched (`_fix`) and analyses its values."""
 
     def __init__(self, spec: OpSpec, call: Call) -> None:
         self.spec, self.fam, self.call = spec, spec.family, call
         self.hit = self.seen = False
         self.keys: list[Tensor] = []
-        self.target: Tensor | None = None
         self._unres = 0
+
+    def run(self, hooks: bool) -> Any:
+        out = _run_with_input_fix(self.call, self._fix) if hooks else self.call.run()
+        self._analyze(_primal(_values(out)).detach())
+        return out
+
+    def _analyze(self, values: Tensor) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _fix(self, native: Tensor, g: Tensor, values: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def unresolved(self) -> int:
+        return self._unres if self.seen else 0
+
+
+class _Ties(_Ordered):
+    """max/min/amax/amin/sort/topk/kthvalue/median: at x + t d (small t > 0) the
+    elements are ordered by (value, tangent along d, further directions...); the
+    selected slots take their elements in that order."""
+
+    target: Tensor | None = None
 
     @staticmethod
     def make(spec: OpSpec, call: Call) -> _Ties | None:
@@ -372,11 +393,6 @@ class _Ties(_Piece):
         if not _is_float(x) or x.numel() <= 1 or x.dim() == 0:
             return None
         return _Ties(spec, call)
-
-    def run(self, hooks: bool) -> Any:
-        out = _run_with_input_fix(self.call, self._fix) if hooks else self.call.run()
-        self._analyze(_primal(_values(out)).detach())
-        return out
 
     def _plain_call(self) -> Call:
         x = self.call.inputs[0]
@@ -529,10 +545,6 @@ class _Ties(_Piece):
     def hits(self) -> int:
         return int(self.tied.sum()) if self.seen else 0
 
-    @property
-    def unresolved(self) -> int:
-        return self._unres if self.seen else 0
-
 
 def _same_values(a: Tensor, b: Tensor) -> bool:
     if a.shape != b.shape:
@@ -540,16 +552,11 @@ def _same_values(a: Tensor, b: Tensor) -> bool:
     return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
 
 
-class _Windows(_Piece):
+class _Windows(_Ordered):
     """max_pool / adaptive_max_pool: in each window whose maximum is tied, the tied
     element with the largest tangent (then further directions, then scan order)."""
 
-    def __init__(self, spec: OpSpec, call: Call) -> None:
-        self.spec, self.fam, self.call = spec, spec.family, call
-        self.hit = self.seen = False
-        self.keys: list[Tensor] = []
-        self.sel: Tensor | None = None
-        self._unres = 0
+    sel: Tensor | None = None
 
     @staticmethod
     def make(spec: OpSpec, call: Call) -> _Windows | None:
@@ -557,11 +564,6 @@ class _Windows(_Piece):
         if not _is_float(x) or x.numel() == 0 or x.dim() <= spec.family.nd:
             return None
         return _Windows(spec, call)
-
-    def run(self, hooks: bool) -> Any:
-        out = _run_with_input_fix(self.call, self._fix) if hooks else self.call.run()
-        self._analyze(_primal(_values(out)).detach())
-        return out
 
     def _analyze(self, values: Tensor) -> None:
         nd = self.fam.nd
@@ -644,10 +646,6 @@ class _Windows(_Piece):
     @property
     def hits(self) -> int:
         return int(self.tie.sum()) if self.seen else 0
-
-    @property
-    def unresolved(self) -> int:
-        return self._unres if self.seen else 0
 
 
 class _Jumps(_Piece):
