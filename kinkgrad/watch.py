@@ -52,7 +52,7 @@ small vector and nothing waits for the device (checked on CUDA with
 `plot`, `print`) synchronises once. On CPU, where reading a value back is no
 synchronisation, one `aminmax` per operand first rules out what cannot count (as the
 core's `Kink.possible` does), so a call with nothing on or near a kink builds no mask
-and registers no backward hook (`CPU_PRECHECK`). The watcher never changes forward
+and registers no backward hook (`watch_count.CPU_PRECHECK`). The watcher never changes forward
 values or gradients: it only reads inputs, and its backward hooks return nothing.
 
 Multi-process: with `torch.distributed` initialised, `records(all_ranks=True)` and
@@ -62,12 +62,8 @@ it). `save` and `plot` with `all_ranks=True` write on rank 0 only.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
-import threading
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,410 +71,19 @@ import torch
 from torch import Tensor
 from torch.nn.modules import module as nn_module
 
-from . import ops, watch_report
-from .families import Elementwise, Jump, Pool, Selection, _to_device
+from . import ops, watch_count, watch_dist, watch_plot, watch_report
+from .families import Elementwise, Jump, Pool, Selection
 from .intercept import acquire, release
 from .policy import STATE
-from .watch_report import COUNTS, Summary, summarize
+from .watch_count import NEAR_EPS_MULTIPLE
+from .watch_report import COUNTS, Summary, cli, summarize
+from .watch_store import Store
 
-#: Default near-hit tolerance in machine epsilons of the dtype, times the magnitude of
-#: the operand (see the module docstring).
-NEAR_EPS_MULTIPLE = 4
 ROOT = "(root)"
 OUTSIDE = "(outside)"
-#: Device-side columns; the host keeps calls, elements, sites.
-_DEVICE = ("exact", "effective", "near", "subnormal", "samples", "nonfinite")
-_FLUSH = 256
 _TIE = object()  # marks a tie op: counted from its output, in after()
 
 __all__ = ["NEAR_EPS_MULTIPLE", "Summary", "Watcher", "cli", "watch"]
-
-
-# --------------------------------------------------------------------------------------
-# Storage: per-row host ints plus device counts folded in blocks
-# --------------------------------------------------------------------------------------
-
-
-class _Store:
-    """Counters of one watcher. A row is one (step, module, op, dtype) key. Each call
-    appends its count vector; every `_FLUSH` vectors are folded into one dense int64
-    tensor per device with one `index_add_`, so no call waits for the device."""
-
-    def __init__(self) -> None:
-        self.keys: list[tuple] = []
-        self.index: dict[tuple, int] = {}
-        self.host: list[list[int]] = []  # calls, elements, sites
-        self.lock = threading.Lock()
-        # device -> (rows, vectors [6]) and (rows, effective scalars)
-        self.fwd: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
-        self.eff: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
-        self.dense: dict[torch.device, Tensor] = {}
-        self.zero: dict[torch.device, Tensor] = {}
-
-    def row(self, key: tuple) -> int:
-        i = self.index.get(key)
-        if i is None:
-            with self.lock:
-                i = self.index.get(key)
-                if i is None:
-                    i = self.index[key] = len(self.keys)
-                    self.keys.append(key)
-                    self.host.append([0, 0, 0])
-        return i
-
-    def zero_on(self, device: torch.device) -> Tensor:
-        z = self.zero.get(device)
-        if z is None:
-            z = self.zero[device] = torch.zeros((), dtype=torch.int64, device=device)
-        return z
-
-    def add(self, row: int, vec: Tensor) -> None:
-        with self.lock:
-            rows, vecs = self.fwd.setdefault(vec.device, ([], []))
-            rows.append(row)
-            vecs.append(vec)
-            if len(rows) >= _FLUSH:
-                self._flush(vec.device)
-
-    def add_effective(self, row: int, n: Tensor) -> None:
-        with self.lock:
-            rows, vals = self.eff.setdefault(n.device, ([], []))
-            rows.append(row)
-            vals.append(n)
-            if len(rows) >= _FLUSH:
-                self._flush(n.device)
-
-    def _dense(self, device: torch.device) -> Tensor:
-        need = len(self.keys)
-        d = self.dense.get(device)
-        if d is None or d.shape[0] < need:
-            new = torch.zeros(max(64, 2 * need), len(_DEVICE), dtype=torch.int64, device=device)
-            if d is not None:
-                new[: d.shape[0]] = d
-            d = self.dense[device] = new
-        return d
-
-    def _flush(self, device: torch.device) -> None:
-        """Fold pending vectors of `device` into its dense tensor (caller holds the lock)."""
-        dense = self._dense(device)
-        rows, vecs = self.fwd.pop(device, ([], []))
-        if rows:
-            dense.index_add_(0, _to_device(rows, device), torch.stack(vecs))
-        rows, vals = self.eff.pop(device, ([], []))
-        if rows:
-            dense[:, 1].index_add_(0, _to_device(rows, device), torch.stack(vals))
-
-    def read(self) -> list[tuple[tuple, list[int]]]:
-        """(key, counts in COUNTS order) per row; one device-to-host copy per device."""
-        with self.lock, torch._C.DisableTorchFunction():
-            devices = set(self.fwd) | set(self.eff) | set(self.dense)
-            totals = [[0] * len(_DEVICE) for _ in self.keys]
-            for device in devices:
-                self._flush(device)
-                for i, vals in enumerate(self.dense[device][: len(self.keys)].tolist()):
-                    totals[i] = [a + b for a, b in zip(totals[i], vals, strict=True)]
-            return [(key, [*self.host[i], *totals[i]]) for i, key in enumerate(self.keys)]
-
-
-# --------------------------------------------------------------------------------------
-# Counting one call
-# --------------------------------------------------------------------------------------
-
-
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
-    return name
-
-
-def _floats(call: Any) -> list[Tensor]:
-    return [t for t in call.inputs if isinstance(t, Tensor) and t.is_floating_point()]
-
-
-#: On CPU, reading a scalar back costs no synchronisation, so one `aminmax` per operand
-#: first decides which counts can be non-zero (as `Kink.possible` does for policies);
-#: the common case, no element on or near a kink, then builds no mask at all. On
-#: accelerators nothing is ever read back. Tests run both paths on CPU.
-CPU_PRECHECK = True
-
-
-class _Measure:
-    """Operand statistics of one call (subnormal, nonfinite, magnitude) and the near
-    tolerance. `quick`: the CPU pre-check is on; `span[id(t)]` is (min |t|, max |t|)."""
-
-    __slots__ = ("near", "quick", "abs", "span", "subnormal", "nonfinite", "scale", "eps")
-
-    def __init__(
-        self, near: float | None, floats: list[Tensor], quick: bool, seed: dict | None = None
-    ) -> None:
-        self.near = near
-        self.quick = quick
-        self.abs: dict[int, Tensor] = {}
-        self.span: dict[int, tuple[float, float]] = {}
-        self.subnormal: Tensor | None = None
-        self.nonfinite: Tensor | None = None
-        self.scale: float | Tensor | None = None  # largest finite |input|
-        self.eps = 0.0
-        for t in floats:
-            if not t.numel():
-                continue
-            known = seed.get(id(t)) if seed else None  # (|t|, min |t|, max |t|)
-            a = t.abs() if known is None else known[0]
-            self.abs[id(t)] = a
-            info = torch.finfo(t.dtype)
-            self.eps = max(self.eps, info.eps)
-            finite, tiny_free = False, False
-            if quick:
-                if known is None:
-                    lo, hi = torch.aminmax(a)
-                    lo, hi = lo.item(), hi.item()
-                else:
-                    lo, hi = known[1], known[2]
-                self.span[id(t)] = (lo, hi)
-                finite = hi < math.inf  # False for inf and NaN
-                tiny_free = lo >= info.tiny  # False for NaN
-            if not finite:
-                # a - a is 0 exactly where a is finite (inf - inf and NaN give NaN).
-                self.nonfinite = _plus(self.nonfinite, torch.count_nonzero(a - a))
-            if not tiny_free:
-                sub = torch.count_nonzero((a < info.tiny) & (a != 0))
-                self.subnormal = _plus(self.subnormal, sub)
-            if near is None:
-                if finite:
-                    s: float | Tensor = hi
-                else:
-                    s = a.nan_to_num(0.0, 0.0, 0.0).amax()
-                    s = float(s) if quick else s
-                self.scale = _largest(self.scale, s)
-
-    def zero_tolerance(self) -> bool:
-        return self.near == 0 or (self.near is None and (self.scale is None or not self.eps))
-
-    def tol(self, point: float | Tensor = 0.0) -> float | Tensor:
-        """Near tolerance at `point` (see the module docstring)."""
-        if self.near is not None:
-            return self.near
-        c = NEAR_EPS_MULTIPLE * self.eps
-        if isinstance(point, Tensor):
-            return torch.clamp_min(point.abs().nan_to_num(0.0, 0.0, 0.0), self.scale) * c
-        if isinstance(self.scale, Tensor):
-            return self.scale.clamp_min(abs(point)) * c
-        return max(self.scale, abs(point)) * c
-
-    def absval(self, t: Tensor) -> Tensor:
-        a = self.abs.get(id(t))
-        return t.abs() if a is None else a
-
-    def possible(self, k: Any) -> tuple[bool, bool]:
-        """(exact, near): False only where no element can be on (near) kink `k`; the
-        CPU pre-check, from the operand's span (min |x|, max |x|)."""
-        point, kx = getattr(k, "point", None), getattr(k, "x", None)
-        if not self.quick or kx is None or isinstance(point, Tensor) or point is None:
-            return True, True
-        span = self.span.get(id(kx))
-        p = float(point)
-        if span is None or not math.isfinite(p):
-            return True, True
-        lo, hi = span
-        if p == 0:
-            dmin = lo
-        elif abs(p) > hi:
-            dmin = abs(p) - hi  # every |x| <= hi, so |x - p| >= |p| - hi
-        else:
-            dmin = float((kx - p).abs().amin())
-        if math.isnan(dmin):
-            return True, True  # a NaN input: cannot tell, so count
-        tol = 0.0 if self.zero_tolerance() else float(self.tol(p))
-        return dmin == 0, dmin <= tol
-
-
-def _nothing_to_count(fam: Any, call: Any, x: Tensor, near: float | None, seed: dict) -> bool:
-    """The CPU pre-check's common case, kept lean: a one-input elementwise op whose
-    input has no NaN, inf, zero or subnormal and no element within the tolerance of a
-    kink point. Then every device count is 0 and nothing is built. Otherwise `seed`
-    keeps |x| and its span for `_Measure`."""
-    if not (
-        CPU_PRECHECK
-        and type(fam) is Elementwise
-        and len(call.inputs) == 1
-        and x.device.type == "cpu"
-        and x.is_floating_point()
-        and x.numel()
-    ):
-        return False
-    xd = x.detach()
-    a = xd.abs()
-    lo, hi = torch.aminmax(a)
-    lo, hi = lo.item(), hi.item()
-    seed[id(x)] = (a, lo, hi)
-    info = torch.finfo(x.dtype)
-    if not (hi < math.inf and lo >= info.tiny):
-        return False
-    c = NEAR_EPS_MULTIPLE * info.eps
-    for k in fam.kinks(call):
-        point = getattr(k, "point", None)
-        if point is None or isinstance(point, Tensor):
-            return False
-        p = float(point)
-        if not math.isfinite(p):
-            continue  # x is finite: never on an infinite kink point
-        if p == 0:
-            dmin = lo
-        elif abs(p) > hi:
-            dmin = abs(p) - hi
-        else:
-            dmin = (xd - p).abs().amin().item()
-        if not dmin > (near if near is not None else c * max(hi, abs(p))):
-            return False
-    return True
-
-
-def _plus(a: Tensor | None, b: Tensor) -> Tensor:
-    return b if a is None else a + b
-
-
-def _largest(a: float | Tensor | None, b: float | Tensor) -> float | Tensor:
-    if a is None:
-        return b
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
-    return max(a, b)
-
-
-def _samples(mask: Tensor, exact: Tensor) -> Tensor:
-    if mask.dim() <= 1 or mask.shape[0] == 0:
-        return exact  # a 0-d or 1-d mask: every site is its own row
-    return mask.reshape(mask.shape[0], -1).any(1).sum()
-
-
-def _near_kink(k: Any, hit: Tensor | None, m: _Measure) -> Tensor | None:
-    """Elements within the tolerance of one kink point (`Kink.point`, in x's terms)."""
-    point, kx = getattr(k, "point", None), getattr(k, "x", None)
-    if point is None or kx is None or not kx.is_floating_point() or m.zero_tolerance():
-        return k.mask if hit is None else hit
-    if isinstance(point, Tensor):
-        close = (kx - point).abs() <= m.tol(point)
-    else:
-        p = float(point)
-        if not math.isfinite(p):
-            return k.mask if hit is None else hit
-        close = (m.absval(kx) if p == 0 else (kx - p).abs()) <= m.tol(p)
-    valid = getattr(k, "valid", None)
-    return close if valid is None else close & valid
-
-
-def _elementwise(fam: Elementwise, call: Any, m: _Measure) -> tuple[Any, Any, int]:
-    """(exact mask, near mask, sites) of an elementwise kink op, from the catalog's
-    kinks; a mask is None where the pre-check rules every element out."""
-    kinks, bcall = fam.kink_list(call)
-    tensors = [t for t in bcall.inputs if isinstance(t, Tensor)]
-    if len(tensors) == 1:
-        shape = tensors[0].shape
-    else:
-        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-    exact = near = None
-    for k in kinks:
-        on, close = m.possible(k)
-        hit = k.mask if on else None
-        if hit is not None:
-            exact = hit if exact is None else exact | hit
-        if close:
-            c = _near_kink(k, hit, m)
-            near = c if near is None else near | c
-    return exact, near, math.prod(shape)
-
-
-def _jump(spec: Any, fam: Jump, call: Any, m: _Measure) -> tuple[Tensor, Tensor]:
-    """Exact hits from the catalog's jump mask; near: the piece on both sides of x
-    differs (the value for piecewise-constant ops, else the a.e. derivative)."""
-    exact = spec.hits(call)
-    x = call.inputs[0]
-    if not x.is_floating_point() or m.zero_tolerance() or not x.numel():
-        return exact, exact
-    if fam.piecewise_constant:
-        piece: Callable[[Tensor], Tensor] = lambda y: call.replace({x: y}).run()
-    elif fam.native_grad is not None:
-        piece = lambda y: fam.native_grad(torch.ones_like(y), call, y)
-    else:
-        return exact, exact
-    tol = m.tol(0.0)
-    near = (piece(x - tol) != piece(x + tol)) & (x == x)
-    return exact, near | exact
-
-
-def _selection(fam: Selection, call: Any, values: Tensor, m: _Measure) -> tuple[Tensor, Tensor]:
-    """Tied output slots / reductions: another input equals (is near) the selected
-    value. Built from the family's own row layout, returned in `values`' layout."""
-    X, V, _ = fam.rows(call, values)
-    V = V.contiguous()
-    xs = X.sort(dim=1).values
-    nans = None
-    if X.is_floating_point():
-        # searchsorted needs a sorted row; NaN (sorted last) becomes +inf, and is
-        # subtracted again where the search reaches +inf.
-        nans = torch.isnan(X).sum(1, keepdim=True)
-        xs = xs.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
-    xs = xs.contiguous()
-
-    def count(lo: Tensor, hi: Tensor) -> Tensor:
-        n = torch.searchsorted(xs, hi, right=True) - torch.searchsorted(xs, lo)
-        if nans is not None:
-            n = n - torch.where(hi == math.inf, nans, 0)
-        return n
-
-    valid = V == V
-    exact = (count(V, V) > 1) & valid
-    if not X.is_floating_point() or m.zero_tolerance():
-        near = exact
-    else:
-        tol = m.tol(0.0)
-        near = ((count(V - tol, V + tol) > 1) & valid) | exact
-
-    def layout(M: Tensor) -> Tensor:
-        if values.dim() == 0:
-            return M.reshape(())
-        if call.extra.get("mode") == "slots":
-            d = int(call.params.get("dim", -1)) % values.dim()
-            return M.reshape(values.movedim(d, -1).shape).movedim(-1, d)
-        return M.reshape(values.shape)
-
-    return layout(exact), layout(near)
-
-
-def _pool(spec: Any, fam: Pool, call: Any, out: Any, values: Tensor, m: _Measure):
-    """Exact: the catalog's tied windows. Near: windows where another input is within
-    the tolerance of the window's maximum."""
-    exact = spec.hits(call, out)
-    x = call.inputs[0]
-    if not x.is_floating_point() or m.zero_tolerance() or not values.numel():
-        return exact, exact
-    nd = fam.nd
-    v = values
-    unbatched = x.dim() == nd + 1
-    if unbatched:
-        x, v = x.unsqueeze(0), v.unsqueeze(0)
-    lead = x.shape[:-nd]
-    idx = fam.windows(call, v.shape)
-    xp = torch.nn.functional.pad(x, (0, 1) * nd, value=float("nan"))
-    W = xp.reshape(*lead, -1)[..., idx]  # [*lead, O1, K1, O2, K2, ...]
-    vshape = list(lead)
-    for d in range(nd):
-        vshape += [v.shape[len(lead) + d], 1]
-    kdims = tuple(len(lead) + 2 * d + 1 for d in range(nd))
-    close = ((v.reshape(vshape) - W) <= m.tol(0.0)).sum(dim=kdims)
-    near = (close > 1) & (v == v)
-    if unbatched:
-        near = near.squeeze(0)
-    return exact, near | exact
-
-
-# --------------------------------------------------------------------------------------
-# The watcher
-# --------------------------------------------------------------------------------------
 
 
 def _check_near(near: object) -> float | None:
@@ -518,7 +123,7 @@ class Watcher:
         self.model = model
         self.near = _check_near(near)
         self._manual = step == "manual"
-        self._store = _Store()
+        self._store = Store()
         self._stack: list[str] = []
         self._step = 0
         self._forwards = 0
@@ -620,7 +225,7 @@ class Watcher:
                 self._step,
                 self._stack[-1] if self._stack else OUTSIDE,
                 spec.name,
-                _dtype_name(x.dtype),
+                watch_count.dtype_name(x.dtype),
             )
             store = self._store
             row = store.row(key)
@@ -633,15 +238,15 @@ class Watcher:
                 # in-place op (relu_, clamp_) overwrites them.
                 with torch._C.DisableTorchFunction(), torch.no_grad():
                     seed: dict = {}
-                    if _nothing_to_count(fam, call, x, self.near, seed):
+                    if watch_count.nothing_to_count(fam, call, x, self.near, seed):
                         host[2] += x.numel()
                         return
                     m = self._measure(call, x, seed)
                     if isinstance(fam, Jump):
-                        exact, near = _jump(spec, fam, call, m)
+                        exact, near = watch_count.jump(spec, fam, call, m)
                         sites = exact.numel()
                     else:
-                        exact, near, sites = _elementwise(fam, call, m)
+                        exact, near, sites = watch_count.elementwise(fam, call, m)
                     exact = self._record(row, host, sites, exact, near, m)
                 call.extra[self] = (row, exact)
             else:
@@ -669,9 +274,9 @@ class Watcher:
         except Exception as e:
             self._failed(spec, e)
 
-    def _measure(self, call: Any, x: Tensor, seed: dict | None = None) -> _Measure:
-        quick = CPU_PRECHECK and x.device.type == "cpu"
-        return _Measure(self.near, _floats(call), quick, seed)
+    def _measure(self, call: Any, x: Tensor, seed: dict | None = None) -> watch_count.Measure:
+        quick = watch_count.CPU_PRECHECK and x.device.type == "cpu"
+        return watch_count.Measure(self.near, watch_count.floats(call), quick, seed)
 
     def _ties(self, spec: Any, call: Any, out: Any, values: Tensor, row: int) -> Tensor | None:
         host = self._store.host[row]
@@ -681,15 +286,15 @@ class Watcher:
         if not x.numel() or not values.numel():
             exact = near = None
         elif isinstance(fam, Selection):
-            exact, near = _selection(fam, call, values, m)
+            exact, near = watch_count.selection(fam, call, values, m)
         elif isinstance(fam, Pool):
-            exact, near = _pool(spec, fam, call, out, values, m)
+            exact, near = watch_count.pool(spec, fam, call, out, values, m)
         else:  # a family this module does not know: the catalog's hits, near = exact
             exact = near = spec.hits(call, out)
         return self._record(row, host, values.numel(), exact, near, m)
 
     def _record(
-        self, row: int, host: list[int], sites: int, exact: Any, near: Any, m: _Measure
+        self, row: int, host: list[int], sites: int, exact: Any, near: Any, m: watch_count.Measure
     ) -> Tensor | None:
         """Append this call's counts; return the exact mask if the backward should
         count effective hits (None: no hit, or on CPU none was found)."""
@@ -706,7 +311,7 @@ class Watcher:
                 zero,
                 zero if near is None else torch.count_nonzero(near),
                 zero if m.subnormal is None else m.subnormal,
-                zero if exact is None else _samples(exact, n_exact),
+                zero if exact is None else watch_count.samples(exact, n_exact),
                 zero if m.nonfinite is None else m.nonfinite,
             ]
         )
@@ -746,11 +351,11 @@ class Watcher:
     def _table(self, all_ranks: bool) -> tuple[list[tuple[tuple, list[int]]], int | str]:
         rows = self._store.read()
         rank: int | str = 0
-        dist = _distributed()
+        dist = watch_dist.distributed()
         if dist is not None:
             rank = dist.get_rank()
             if all_ranks:
-                rows, rank = _all_reduce(dist, rows, self._sort_key), "all"
+                rows, rank = watch_dist.all_reduce(dist, rows, self._sort_key), "all"
         return sorted(rows, key=lambda r: self._sort_key(r[0])), rank
 
     def records(self, all_ranks: bool = False) -> list[dict[str, Any]]:
@@ -788,7 +393,7 @@ class Watcher:
         **Returns**: the path written, or None on ranks that did not write.
         """
         records = self.records(all_ranks)
-        if all_ranks and _rank() != 0:
+        if all_ranks and watch_dist.rank() != 0:
             return None
         return watch_report.save(records, path)
 
@@ -796,10 +401,10 @@ class Watcher:
         """PNG of exact and effective hits per step, one line per layer (module and
         op), log scale. With `all_ranks=True` every rank must call it; rank 0 draws."""
         records = self.records(all_ranks)
-        if all_ranks and _rank() != 0:
+        if all_ranks and watch_dist.rank() != 0:
             return None
         title = f"kinkgrad.watch: kink hits per step ({type(self.model).__name__})"
-        return watch_report.plot(records, path, title=title)
+        return watch_plot.plot(records, path, title=title)
 
     def __rich__(self) -> Any:
         return watch_report.table(self.summary())
@@ -813,36 +418,6 @@ class Watcher:
             f"<kinkgrad.Watcher of {type(self.model).__name__}: {state}, step "
             f"{self._step}, near={self.near if self.near is not None else 'auto'}>"
         )
-
-
-def _distributed() -> Any:
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _rank() -> int:
-    dist = _distributed()
-    return dist.get_rank() if dist is not None else 0
-
-
-def _all_reduce(dist: Any, rows: list, sort_key: Callable) -> list:
-    """Sum rows over ranks; ranks may have seen different keys, so the union first."""
-    keys = [None] * dist.get_world_size()
-    dist.all_gather_object(keys, [k for k, _ in rows])
-    union = sorted({k for ks in keys for k in ks}, key=sort_key)
-    if not union:
-        return []
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    where = {k: i for i, k in enumerate(union)}
-    table = torch.zeros(len(union), len(COUNTS), dtype=torch.int64)
-    for k, counts in rows:
-        table[where[k]] = torch.tensor(counts, dtype=torch.int64)
-    table = table.to(device)
-    dist.all_reduce(table)
-    return list(zip(union, table.cpu().tolist(), strict=True))
 
 
 def watch(model: torch.nn.Module, near: float | None = None, *, step: str = "forward") -> Watcher:
@@ -866,33 +441,3 @@ def watch(model: torch.nn.Module, near: float | None = None, *, step: str = "for
     [0, 1, 2]
     """
     return Watcher(model, near=near, step=step)
-
-
-def cli(argv: list[str]) -> int:
-    """`kinkgrad watch-summary PATH [--steps]`: print a saved record file as a table."""
-    parser = argparse.ArgumentParser(
-        prog="kinkgrad watch-summary",
-        description="Print a kinkgrad.watch record file (.jsonl or .csv) as a table.",
-    )
-    parser.add_argument("path", help="file written by Watcher.save")
-    parser.add_argument(
-        "--steps", action="store_true", help="also print one line per step and layer"
-    )
-    args = parser.parse_args(argv)
-    try:
-        records = watch_report.load(args.path)
-    except (OSError, ValueError) as e:
-        print(f"kinkgrad watch-summary: {e}", file=sys.stderr)
-        return 2
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal:  # a file or a pipe: wide enough for every column
-        console = Console(width=160)
-    summary = summarize(records)
-    if records:
-        summary.rank = records[0].get("rank", 0)
-    console.print(watch_report.table(summary, title=f"{args.path}: {summary.steps} step(s)"))
-    if args.steps:
-        console.print(watch_report.steps_table(records))
-    return 0

@@ -30,12 +30,12 @@ from kinkgrad.intercept import _DEPTH
 from kinkgrad.policy import STATE
 from tests.op_cases import ALL_NAMES, BINARY, ELEMENTWISE, JUMP, POOL, SELECTION, kink_points
 
-watch_module = importlib.import_module("kinkgrad.watch")
+watch_count = importlib.import_module("kinkgrad.watch_count")
 
 
 @pytest.fixture(params=[True, False], ids=["cpu-precheck", "device-path"])
 def path(request, monkeypatch):
-    monkeypatch.setattr(watch_module, "CPU_PRECHECK", request.param)
+    monkeypatch.setattr(watch_count, "CPU_PRECHECK", request.param)
     return request.param
 
 
@@ -699,7 +699,7 @@ def test_a_failing_count_warns_and_training_goes_on(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("synthetic")
 
-    monkeypatch.setattr(watch_module, "_elementwise", boom)
+    monkeypatch.setattr(watch_count, "elementwise", boom)
     x = torch.zeros(3, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="could not count"), kg.watch(nn.Identity()) as w:
         y = torch.relu(x)

@@ -1,0 +1,309 @@
+"""Counting one call of a catalog op for `kinkgrad.watch`: exact, near, subnormal,
+non-finite and sample counts from the catalog's kinks, ties and jumps (what is counted
+is defined in `kinkgrad.watch`'s docstring)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .families import Elementwise, Jump, Pool, Selection
+
+#: Default near-hit tolerance in machine epsilons of the dtype, times the magnitude of
+#: the operand (see `kinkgrad.watch`).
+NEAR_EPS_MULTIPLE = 4
+
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
+
+
+def floats(call: Any) -> list[Tensor]:
+    return [t for t in call.inputs if isinstance(t, Tensor) and t.is_floating_point()]
+
+
+#: On CPU, reading a scalar back costs no synchronisation, so one `aminmax` per operand
+#: first decides which counts can be non-zero (as `Kink.possible` does for policies);
+#: the common case, no element on or near a kink, then builds no mask at all. On
+#: accelerators nothing is ever read back. Tests run both paths on CPU.
+CPU_PRECHECK = True
+
+
+class Measure:
+    """Operand statistics of one call (subnormal, nonfinite, magnitude) and the near
+    tolerance. `quick`: the CPU pre-check is on; `span[id(t)]` is (min |t|, max |t|)."""
+
+    __slots__ = ("near", "quick", "abs", "span", "subnormal", "nonfinite", "scale", "eps")
+
+    def __init__(
+        self, near: float | None, floats: list[Tensor], quick: bool, seed: dict | None = None
+    ) -> None:
+        self.near = near
+        self.quick = quick
+        self.abs: dict[int, Tensor] = {}
+        self.span: dict[int, tuple[float, float]] = {}
+        self.subnormal: Tensor | None = None
+        self.nonfinite: Tensor | None = None
+        self.scale: float | Tensor | None = None  # largest finite |input|
+        self.eps = 0.0
+        for t in floats:
+            if not t.numel():
+                continue
+            known = seed.get(id(t)) if seed else None  # (|t|, min |t|, max |t|)
+            a = t.abs() if known is None else known[0]
+            self.abs[id(t)] = a
+            info = torch.finfo(t.dtype)
+            self.eps = max(self.eps, info.eps)
+            finite, tiny_free = False, False
+            if quick:
+                if known is None:
+                    lo, hi = torch.aminmax(a)
+                    lo, hi = lo.item(), hi.item()
+                else:
+                    lo, hi = known[1], known[2]
+                self.span[id(t)] = (lo, hi)
+                finite = hi < math.inf  # False for inf and NaN
+                tiny_free = lo >= info.tiny  # False for NaN
+            if not finite:
+                # a - a is 0 exactly where a is finite (inf - inf and NaN give NaN).
+                self.nonfinite = _plus(self.nonfinite, torch.count_nonzero(a - a))
+            if not tiny_free:
+                sub = torch.count_nonzero((a < info.tiny) & (a != 0))
+                self.subnormal = _plus(self.subnormal, sub)
+            if near is None:
+                if finite:
+                    s: float | Tensor = hi
+                else:
+                    s = a.nan_to_num(0.0, 0.0, 0.0).amax()
+                    s = float(s) if quick else s
+                self.scale = _largest(self.scale, s)
+
+    def zero_tolerance(self) -> bool:
+        return self.near == 0 or (self.near is None and (self.scale is None or not self.eps))
+
+    def tol(self, point: float | Tensor = 0.0) -> float | Tensor:
+        """Near tolerance at `point` (see the module docstring)."""
+        if self.near is not None:
+            return self.near
+        c = NEAR_EPS_MULTIPLE * self.eps
+        if isinstance(point, Tensor):
+            return torch.clamp_min(point.abs().nan_to_num(0.0, 0.0, 0.0), self.scale) * c
+        if isinstance(self.scale, Tensor):
+            return self.scale.clamp_min(abs(point)) * c
+        return max(self.scale, abs(point)) * c
+
+    def absval(self, t: Tensor) -> Tensor:
+        a = self.abs.get(id(t))
+        return t.abs() if a is None else a
+
+    def possible(self, k: Any) -> tuple[bool, bool]:
+        """(exact, near): False only where no element can be on (near) kink `k`; the
+        CPU pre-check, from the operand's span (min |x|, max |x|)."""
+        point, kx = getattr(k, "point", None), getattr(k, "x", None)
+        if not self.quick or kx is None or isinstance(point, Tensor) or point is None:
+            return True, True
+        span = self.span.get(id(kx))
+        p = float(point)
+        if span is None or not math.isfinite(p):
+            return True, True
+        lo, hi = span
+        if p == 0:
+            dmin = lo
+        elif abs(p) > hi:
+            dmin = abs(p) - hi  # every |x| <= hi, so |x - p| >= |p| - hi
+        else:
+            dmin = float((kx - p).abs().amin())
+        if math.isnan(dmin):
+            return True, True  # a NaN input: cannot tell, so count
+        tol = 0.0 if self.zero_tolerance() else float(self.tol(p))
+        return dmin == 0, dmin <= tol
+
+
+def nothing_to_count(fam: Any, call: Any, x: Tensor, near: float | None, seed: dict) -> bool:
+    """The CPU pre-check's common case, kept lean: a one-input elementwise op whose
+    input has no NaN, inf, zero or subnormal and no element within the tolerance of a
+    kink point. Then every device count is 0 and nothing is built. Otherwise `seed`
+    keeps |x| and its span for `Measure`."""
+    if not (
+        CPU_PRECHECK
+        and type(fam) is Elementwise
+        and len(call.inputs) == 1
+        and x.device.type == "cpu"
+        and x.is_floating_point()
+        and x.numel()
+    ):
+        return False
+    xd = x.detach()
+    a = xd.abs()
+    lo, hi = torch.aminmax(a)
+    lo, hi = lo.item(), hi.item()
+    seed[id(x)] = (a, lo, hi)
+    info = torch.finfo(x.dtype)
+    if not (hi < math.inf and lo >= info.tiny):
+        return False
+    c = NEAR_EPS_MULTIPLE * info.eps
+    for k in fam.kinks(call):
+        point = getattr(k, "point", None)
+        if point is None or isinstance(point, Tensor):
+            return False
+        p = float(point)
+        if not math.isfinite(p):
+            continue  # x is finite: never on an infinite kink point
+        if p == 0:
+            dmin = lo
+        elif abs(p) > hi:
+            dmin = abs(p) - hi
+        else:
+            dmin = (xd - p).abs().amin().item()
+        if not dmin > (near if near is not None else c * max(hi, abs(p))):
+            return False
+    return True
+
+
+def _plus(a: Tensor | None, b: Tensor) -> Tensor:
+    return b if a is None else a + b
+
+
+def _largest(a: float | Tensor | None, b: float | Tensor) -> float | Tensor:
+    if a is None:
+        return b
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+    return max(a, b)
+
+
+def samples(mask: Tensor, exact: Tensor) -> Tensor:
+    if mask.dim() <= 1 or mask.shape[0] == 0:
+        return exact  # a 0-d or 1-d mask: every site is its own row
+    return mask.reshape(mask.shape[0], -1).any(1).sum()
+
+
+def _near_kink(k: Any, hit: Tensor | None, m: Measure) -> Tensor | None:
+    """Elements within the tolerance of one kink point (`Kink.point`, in x's terms)."""
+    point, kx = getattr(k, "point", None), getattr(k, "x", None)
+    if point is None or kx is None or not kx.is_floating_point() or m.zero_tolerance():
+        return k.mask if hit is None else hit
+    if isinstance(point, Tensor):
+        close = (kx - point).abs() <= m.tol(point)
+    else:
+        p = float(point)
+        if not math.isfinite(p):
+            return k.mask if hit is None else hit
+        close = (m.absval(kx) if p == 0 else (kx - p).abs()) <= m.tol(p)
+    valid = getattr(k, "valid", None)
+    return close if valid is None else close & valid
+
+
+def elementwise(fam: Elementwise, call: Any, m: Measure) -> tuple[Any, Any, int]:
+    """(exact mask, near mask, sites) of an elementwise kink op, from the catalog's
+    kinks; a mask is None where the pre-check rules every element out."""
+    kinks, bcall = fam.kink_list(call)
+    tensors = [t for t in bcall.inputs if isinstance(t, Tensor)]
+    if len(tensors) == 1:
+        shape = tensors[0].shape
+    else:
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    exact = near = None
+    for k in kinks:
+        on, close = m.possible(k)
+        hit = k.mask if on else None
+        if hit is not None:
+            exact = hit if exact is None else exact | hit
+        if close:
+            c = _near_kink(k, hit, m)
+            near = c if near is None else near | c
+    return exact, near, math.prod(shape)
+
+
+def jump(spec: Any, fam: Jump, call: Any, m: Measure) -> tuple[Tensor, Tensor]:
+    """Exact hits from the catalog's jump mask; near: the piece on both sides of x
+    differs (the value for piecewise-constant ops, else the a.e. derivative)."""
+    exact = spec.hits(call)
+    x = call.inputs[0]
+    if not x.is_floating_point() or m.zero_tolerance() or not x.numel():
+        return exact, exact
+    if fam.piecewise_constant:
+        piece: Callable[[Tensor], Tensor] = lambda y: call.replace({x: y}).run()
+    elif fam.native_grad is not None:
+        piece = lambda y: fam.native_grad(torch.ones_like(y), call, y)
+    else:
+        return exact, exact
+    tol = m.tol(0.0)
+    near = (piece(x - tol) != piece(x + tol)) & (x == x)
+    return exact, near | exact
+
+
+def selection(fam: Selection, call: Any, values: Tensor, m: Measure) -> tuple[Tensor, Tensor]:
+    """Tied output slots / reductions: another input equals (is near) the selected
+    value. Built from the family's own row layout, returned in `values`' layout."""
+    X, V, _ = fam.rows(call, values)
+    V = V.contiguous()
+    xs = X.sort(dim=1).values
+    nans = None
+    if X.is_floating_point():
+        # searchsorted needs a sorted row; NaN (sorted last) becomes +inf, and is
+        # subtracted again where the search reaches +inf.
+        nans = torch.isnan(X).sum(1, keepdim=True)
+        xs = xs.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    xs = xs.contiguous()
+
+    def count(lo: Tensor, hi: Tensor) -> Tensor:
+        n = torch.searchsorted(xs, hi, right=True) - torch.searchsorted(xs, lo)
+        if nans is not None:
+            n = n - torch.where(hi == math.inf, nans, 0)
+        return n
+
+    valid = V == V
+    exact = (count(V, V) > 1) & valid
+    if not X.is_floating_point() or m.zero_tolerance():
+        near = exact
+    else:
+        tol = m.tol(0.0)
+        near = ((count(V - tol, V + tol) > 1) & valid) | exact
+
+    def layout(M: Tensor) -> Tensor:
+        if values.dim() == 0:
+            return M.reshape(())
+        if call.extra.get("mode") == "slots":
+            d = int(call.params.get("dim", -1)) % values.dim()
+            return M.reshape(values.movedim(d, -1).shape).movedim(-1, d)
+        return M.reshape(values.shape)
+
+    return layout(exact), layout(near)
+
+
+def pool(spec: Any, fam: Pool, call: Any, out: Any, values: Tensor, m: Measure):
+    """Exact: the catalog's tied windows. Near: windows where another input is within
+    the tolerance of the window's maximum."""
+    exact = spec.hits(call, out)
+    x = call.inputs[0]
+    if not x.is_floating_point() or m.zero_tolerance() or not values.numel():
+        return exact, exact
+    nd = fam.nd
+    v = values
+    unbatched = x.dim() == nd + 1
+    if unbatched:
+        x, v = x.unsqueeze(0), v.unsqueeze(0)
+    lead = x.shape[:-nd]
+    idx = fam.windows(call, v.shape)
+    xp = torch.nn.functional.pad(x, (0, 1) * nd, value=float("nan"))
+    W = xp.reshape(*lead, -1)[..., idx]  # [*lead, O1, K1, O2, K2, ...]
+    vshape = list(lead)
+    for d in range(nd):
+        vshape += [v.shape[len(lead) + d], 1]
+    kdims = tuple(len(lead) + 2 * d + 1 for d in range(nd))
+    close = ((v.reshape(vshape) - W) <= m.tol(0.0)).sum(dim=kdims)
+    near = (close > 1) & (v == v)
+    if unbatched:
+        near = near.squeeze(0)
+    return exact, near | exact
