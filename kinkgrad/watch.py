@@ -71,7 +71,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules import module as nn_module
 
-from . import ops, watch_count, watch_dist, watch_plot, watch_report
+from . import ops, watch_count, watch_dist, watch_optimizer, watch_plot, watch_report
 from .families import Elementwise, Jump, Pool, Selection
 from .intercept import acquire, release
 from .policy import STATE
@@ -154,6 +154,7 @@ class Watcher:
         except BaseException:
             self._unwatch()
             raise
+        watch_optimizer.acquire()
         self._active = True
         return self
 
@@ -166,6 +167,8 @@ class Watcher:
             return
         self._active = False
         try:
+            watch_optimizer.release()
+            watch_optimizer.resume()
             release()
         finally:
             self._unwatch()
@@ -182,6 +185,8 @@ class Watcher:
         self._root_depth = 0
 
     def _pre(self, module: Any, args: Any) -> None:
+        if watch_optimizer.OPEN.stack:  # an optimizer step raised: intercept again
+            watch_optimizer.resume()
         name = self._names.get(module)
         if name is None:
             return
@@ -236,18 +241,24 @@ class Watcher:
             if isinstance(fam, (Elementwise, Jump)):
                 # Elementwise kinks are read from the inputs before the op runs: an
                 # in-place op (relu_, clamp_) overwrites them.
-                with torch._C.DisableTorchFunction(), torch.no_grad():
-                    seed: dict = {}
-                    if watch_count.nothing_to_count(fam, call, x, self.near, seed):
-                        host[2] += x.numel()
-                        return
-                    m = self._measure(call, x, seed)
-                    if isinstance(fam, Jump):
-                        exact, near = watch_count.jump(spec, fam, call, m)
-                        sites = exact.numel()
-                    else:
-                        exact, near, sites = watch_count.elementwise(fam, call, m)
-                    exact = self._record(row, host, sites, exact, near, m)
+                # torch.no_grad() costs more than this whole check: set the flag.
+                grad = torch.is_grad_enabled()
+                torch._C._set_grad_enabled(False)
+                try:
+                    with torch._C.DisableTorchFunction():
+                        seed: dict = {}
+                        if watch_count.nothing_to_count(fam, call, x, self.near, seed):
+                            host[2] += x.numel()
+                            return
+                        m = self._measure(call, x, seed)
+                        if isinstance(fam, Jump):
+                            exact, near = watch_count.jump(spec, fam, call, m)
+                            sites = exact.numel()
+                        else:
+                            exact, near, sites = watch_count.elementwise(fam, call, m)
+                        exact = self._record(row, host, sites, exact, near, m)
+                finally:
+                    torch._C._set_grad_enabled(grad)
                 call.extra[self] = (row, exact)
             else:
                 call.extra[self] = (row, _TIE)

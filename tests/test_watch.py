@@ -767,3 +767,105 @@ def test_certified_replays_are_not_new_steps():
         for _ in range(3):
             kg.certified_backward(lambda m, b: m(b).sum(), model, x, seed=0)
     assert w.current_step == 2  # three forwards: steps 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------
+# Optimizer steps inside the watched block
+# --------------------------------------------------------------------------------------
+
+
+class _ClampingSGD(torch.optim.SGD):
+    """An optimizer whose step calls a catalog op (as Adam's amsgrad calls maximum)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for g in self.param_groups:
+            for p in g["params"]:
+                p.clamp_(-10.0, 10.0)
+        return loss
+
+
+def _calls_through_mode(fn) -> int:
+    """How many torch calls reach kinkgrad's interception mode while `fn` runs."""
+    from kinkgrad import intercept
+
+    seen = []
+    original = intercept._KinkMode.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append(func)
+        return original(self, func, types, args, kwargs)
+
+    intercept._KinkMode.__torch_function__ = spy
+    try:
+        fn()
+    finally:
+        intercept._KinkMode.__torch_function__ = original
+    return len(seen)
+
+
+def test_optimizer_step_is_not_intercepted_nor_counted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    opt = _ClampingSGD(model.parameters(), lr=0.1)
+    with kg.watch(model) as w:
+        model(torch.randn(2, 3)).sum().backward()
+        # Only the profiler's record_function around the hooks (enter, exit) is left.
+        assert _calls_through_mode(opt.step) == 2
+        z = torch.zeros(1)
+        assert _calls_through_mode(lambda: torch.relu(z)) == 1  # resumed after the step
+    assert {r["op"] for r in w.records()} == {"relu"}  # no clamp from the optimizer
+
+
+def test_optimizer_with_closure_or_differentiable_stays_intercepted():
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.zero_()  # every ReLU input is exactly 0
+    x = torch.ones(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    grads = []
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).sum()
+        loss.backward()
+        grads.append(model[0].weight.grad.clone())
+        return loss
+
+    with kg.policy(relu=1.0), kg.watch(model) as w:
+        opt.step(closure)  # the closure's forward and backward run inside step()
+    assert torch.equal(grads[0], torch.full((2, 2), 3.0))  # the policy applied: 1 * 3 rows
+    assert w.summary().total["exact"] == 6
+    from kinkgrad import watch_optimizer
+
+    diff = torch.optim.SGD(model.parameters(), lr=0.1, differentiable=True)
+    assert not watch_optimizer._plain(diff, (diff,), {})  # recorded by autograd: intercept
+    assert watch_optimizer._plain(opt, (opt,), {}) and not watch_optimizer._plain(
+        opt, (opt, closure), {}
+    )
+
+
+def test_an_optimizer_step_that_raises_does_not_leave_interception_off():
+    class Broken(torch.optim.SGD):
+        def step(self, closure=None):
+            raise RuntimeError("synthetic")
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    opt = Broken(model.parameters(), lr=0.1)
+    x = torch.zeros(1, 2, requires_grad=True)
+    with kg.watch(model) as w:
+        with pytest.raises(RuntimeError, match="synthetic"):
+            opt.step()
+        model(torch.ones(1, 2))  # a forward resumes interception
+        with kg.policy(relu=1.0):
+            torch.relu(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones(1, 2))
+    assert sum(r["calls"] for r in w.records()) == 2
+    with pytest.raises(RuntimeError, match="synthetic"), kg.watch(model):
+        opt.step()
+    assert torch._C._is_torch_function_enabled()  # the block's exit resumed it
+    x.grad = None
+    with kg.policy(relu=1.0):
+        torch.relu(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones(1, 2))

@@ -1,0 +1,93 @@
+"""While a watcher is active, an optimizer's `step()` runs without interception.
+
+Why: its calls are parameter updates under `no_grad`, not the model's computation, so
+no kink of them is a hit of the model, and no policy can change them (a policy changes
+gradients only). Yet intercepting them costs more than the whole watch: a plain SGD step
+on six parameters makes ~35 intercepted calls (every `p.grad` read is one), against
+seven for the forward. Not suspended: a step given a closure (LBFGS-style: the closure
+runs the model's forward and backward, which must be intercepted), optimizers built with
+`differentiable=True` (their step is recorded by autograd) and optimizers of tensor
+subclasses with their own `__torch_function__` (disabling it would change what they
+compute).
+
+One pair of global optimizer hooks serves every watcher (reference counted), so
+suspensions nest in order. An exception inside `step()` skips the post hook; `resume()`
+(called by the watcher at every forward of a module and on exit) ends a suspension left
+open that way, so interception never stays off.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+class _Open(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[Any] = []  # one entry per step() in progress: a guard or None
+
+
+OPEN = _Open()
+_USERS = 0
+_HANDLES: list[Any] = []
+
+
+def _plain(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> bool:
+    # args[0] is the optimizer itself; a closure (or anything else) may run the model.
+    if any(a is not None for a in args[1:]) or any(v is not None for v in kwargs.values()):
+        return False
+    if optimizer.defaults.get("differentiable"):
+        return False
+    return all(type(p) in _PLAIN for g in optimizer.param_groups for p in g["params"])
+
+
+def _pre(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    guard = None
+    if _plain(optimizer, args, kwargs):
+        guard = torch._C.DisableTorchFunction()
+        guard.__enter__()
+    OPEN.stack.append(guard)
+
+
+def _post(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if OPEN.stack:
+        guard = OPEN.stack.pop()
+        if guard is not None:
+            guard.__exit__(None, None, None)
+
+
+def resume() -> None:
+    """End suspensions an exception inside `step()` left open (normally none)."""
+    stack = OPEN.stack
+    while stack:
+        guard = stack.pop()
+        if guard is not None:
+            guard.__exit__(None, None, None)
+
+
+def acquire() -> None:
+    global _USERS
+    if _USERS == 0:
+        _HANDLES[:] = [
+            register_optimizer_step_pre_hook(_pre),
+            register_optimizer_step_post_hook(_post),
+        ]
+    _USERS += 1
+
+
+def release() -> None:
+    global _USERS
+    _USERS -= 1
+    if _USERS == 0:
+        for h in _HANDLES:
+            h.remove()
+        _HANDLES.clear()
+        resume()
