@@ -359,8 +359,10 @@ class Watcher:
         order = self._order.get(module, len(self._order) + (module == OUTSIDE))
         return (step, order, module, op, dtype)
 
-    def _table(self, all_ranks: bool) -> tuple[list[tuple[tuple, list[int]]], int | str]:
-        rows = self._store.read()
+    def _table(
+        self, all_ranks: bool, step: int | None = None
+    ) -> tuple[list[tuple[tuple, list[int]]], int | str]:
+        rows = self._store.read(step)
         rank: int | str = 0
         dist = watch_dist.distributed()
         if dist is not None:
@@ -369,15 +371,16 @@ class Watcher:
                 rows, rank = watch_dist.all_reduce(dist, rows, self._sort_key), "all"
         return sorted(rows, key=lambda r: self._sort_key(r[0])), rank
 
-    def records(self, all_ranks: bool = False) -> list[dict[str, Any]]:
+    def records(self, all_ranks: bool = False, step: int | None = None) -> list[dict[str, Any]]:
         """One dict per (step, module, op, dtype): the keys `step, module, op, dtype`,
         the counts `calls, elements, sites, exact, effective, near, subnormal, samples,
         nonfinite`, and `rank` ("all" for the all-ranks sum). Synchronises once.
 
         **Arguments**: `all_ranks`: sum over all ranks of `torch.distributed` (a
         collective: every rank must call it); ignored when it is not initialised.
+        `step`: only that step's records (None: all).
         """
-        rows, rank = self._table(all_ranks)
+        rows, rank = self._table(all_ranks, step)
         out = []
         for (step, module, op, dtype), counts in rows:
             r: dict[str, Any] = {"step": step, "module": module, "op": op, "dtype": dtype}
@@ -416,6 +419,48 @@ class Watcher:
             return None
         title = f"kinkgrad.watch: kink hits per step ({type(self.model).__name__})"
         return watch_plot.plot(records, path, title=title)
+
+    def to_tensorboard(
+        self, writer: Any, step: int | None = None, all_ranks: bool = False
+    ) -> dict[int, dict[str, int]]:
+        """Write per-step kink counts as TensorBoard scalars: exact, effective and near
+        hits per op (`kinkgrad/exact/op/relu`), per top-level module
+        (`kinkgrad/exact/module/features`) and in total (`kinkgrad/exact/total`), at
+        global step = the watcher's step. The Lightning callback logs the same names.
+
+        **Arguments**: `writer`: a `torch.utils.tensorboard.SummaryWriter`, or a folder
+        to open one in (needs `pip install 'kinkgrad[tensorboard]'`); `step`: the step
+        to write (None: every step recorded); `all_ranks`: as in `records`, and only
+        rank 0 writes.
+
+        **Returns**: {step: {tag: value}}, what was written.
+
+        >>> import torch, kinkgrad as kg
+        >>> class Writer:  # any object with add_scalar, e.g. a SummaryWriter
+        ...     def add_scalar(self, tag, value, global_step): print(tag, value, global_step)
+        >>> m = torch.nn.ReLU()
+        >>> with kg.watch(m) as w:
+        ...     _ = m(torch.zeros(3))
+        >>> _ = w.to_tensorboard(Writer(), step=0)  # doctest: +ELLIPSIS
+        kinkgrad/exact/op/relu 3 0
+        ...
+        """
+        per_step = watch_report.step_scalars(self.records(all_ranks, step))
+        if all_ranks and watch_dist.rank() != 0:
+            return per_step
+        own = False
+        if isinstance(writer, (str, Path)):
+            writer, own = watch_report.summary_writer(writer), True
+        try:
+            for s, scalars in per_step.items():
+                for tag, value in scalars.items():
+                    writer.add_scalar(tag, value, s)
+            if hasattr(writer, "flush"):
+                writer.flush()
+        finally:
+            if own:
+                writer.close()
+        return per_step
 
     def __rich__(self) -> Any:
         return watch_report.table(self.summary())

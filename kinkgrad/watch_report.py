@@ -99,6 +99,49 @@ def summarize(records: Iterable[dict[str, Any]]) -> Summary:
 
 
 # --------------------------------------------------------------------------------------
+# Scalars per step (TensorBoard, Lightning)
+# --------------------------------------------------------------------------------------
+
+#: Counts written as scalars.
+SCALARS = ("exact", "effective", "near")
+
+
+def top_module(path: str) -> str:
+    """The top-level module of a module path: "features" for "features.3.conv"."""
+    return path.split(".", 1)[0]
+
+
+def step_scalars(records: Iterable[dict[str, Any]]) -> dict[int, dict[str, int]]:
+    """{step: {tag: value}}: exact, effective and near hits per op, per top-level module
+    and in total, tags `kinkgrad/<count>/op/<op>`, `kinkgrad/<count>/module/<module>`,
+    `kinkgrad/<count>/total`. Every tag of a step is present, zeros included."""
+    out: dict[int, dict[str, int]] = {}
+    for r in records:
+        tags = out.setdefault(int(r["step"]), {})
+        for c in SCALARS:
+            v = int(r.get(c) or 0)
+            for tag in (
+                f"kinkgrad/{c}/op/{r['op']}",
+                f"kinkgrad/{c}/module/{top_module(r['module'])}",
+                f"kinkgrad/{c}/total",
+            ):
+                tags[tag] = tags.get(tag, 0) + v
+    return out
+
+
+def summary_writer(folder: str | os.PathLike) -> Any:
+    """A TensorBoard SummaryWriter on `folder`, or an ImportError naming the extra."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError(
+            "kinkgrad: writing TensorBoard event files needs the tensorboard package; "
+            "install it with: pip install 'kinkgrad[tensorboard]'"
+        ) from e
+    return SummaryWriter(str(folder))
+
+
+# --------------------------------------------------------------------------------------
 # Terminal table
 # --------------------------------------------------------------------------------------
 
@@ -117,8 +160,9 @@ def table(summary: Summary, title: str | None = None) -> Any:
         who = "all ranks" if summary.rank == "all" else f"rank {summary.rank}"
         title = f"kinkgrad.watch: {summary.steps} step(s), {who}"
     t = Table(title=title, title_justify="left", show_footer=bool(summary.rows))
-    t.add_column("module", footer="total")
-    t.add_column("op")
+    # fold: a long module path wraps onto more lines, never cut (no ellipsis).
+    t.add_column("module", footer="total", overflow="fold")
+    t.add_column("op", overflow="fold")
     t.add_column("dtype")
     totals = summary.total
     for c in ("calls", "elements", "exact", "effective", "near", "subnormal", "samples"):
@@ -226,7 +270,7 @@ def steps_table(records: list[dict[str, Any]]) -> Any:
 
     t = Table(title="per step", title_justify="left")
     for c in ("step", "module", "op", "dtype"):
-        t.add_column(c, justify="right" if c == "step" else "left")
+        t.add_column(c, justify="right" if c == "step" else "left", overflow="fold")
     for c in ("calls", "exact", "effective", "near", "subnormal", "samples", "nonfinite"):
         t.add_column(c, justify="right")
     for r in records:

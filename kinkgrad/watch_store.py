@@ -86,13 +86,23 @@ class Store:
         if rows:
             dense[:, 1].index_add_(0, _to_device(rows, device), torch.stack(vals))
 
-    def read(self) -> list[tuple[tuple, list[int]]]:
-        """(key, counts in COUNTS order) per row; one device-to-host copy per device."""
+    def read(self, step: int | None = None) -> list[tuple[tuple, list[int]]]:
+        """(key, counts in COUNTS order) per row (rows of `step` only, if given); one
+        device-to-host copy per device."""
         with self.lock, torch._C.DisableTorchFunction():
             devices = set(self.fwd) | set(self.eff) | set(self.dense)
-            totals = [[0] * len(DEVICE_COLUMNS) for _ in self.keys]
+            if step is None:
+                chosen = list(range(len(self.keys)))
+            else:
+                chosen = [i for i, key in enumerate(self.keys) if key[0] == step]
+            totals = [[0] * len(DEVICE_COLUMNS) for _ in chosen]
             for device in devices:
                 self._flush(device)
-                for i, vals in enumerate(self.dense[device][: len(self.keys)].tolist()):
+                dense = self.dense[device]
+                if step is None:
+                    table = dense[: len(self.keys)]
+                else:  # copy only these rows: a long run has many steps
+                    table = dense.index_select(0, _to_device(chosen, device))
+                for i, vals in enumerate(table.tolist()):
                     totals[i] = [a + b for a, b in zip(totals[i], vals, strict=True)]
-            return [(key, [*self.host[i], *totals[i]]) for i, key in enumerate(self.keys)]
+            return [(self.keys[r], [*self.host[r], *totals[i]]) for i, r in enumerate(chosen)]
