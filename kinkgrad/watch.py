@@ -216,6 +216,11 @@ class Watcher:
         return self._step
 
     @property
+    def active(self) -> bool:
+        """True while the watcher counts (inside its `with` block)."""
+        return self._active
+
+    @property
     def current_step(self) -> int:
         return self._step
 

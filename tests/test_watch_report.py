@@ -164,3 +164,72 @@ def test_plot_scales_with_the_number_of_layers(tmp_path, n):
 def test_plot_empty(tmp_path):
     p = kg.watch(nn.Linear(1, 1)).plot(tmp_path / "empty.png")
     assert _png_size(p)[0] > 0
+
+
+# --------------------------------------------------------------------------------------
+# TensorBoard
+# --------------------------------------------------------------------------------------
+
+
+def _tiny_watched() -> kg.Watcher:
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[:2].zero_()  # units 0 and 1 sit on the kink for every sample
+    with kg.watch(model) as w:
+        for s in range(3):
+            model(torch.randn(2 + s, 3)).sum().backward()
+    return w
+
+
+def test_to_tensorboard_reads_back_equal(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = _tiny_watched()
+    writer = SummaryWriter(str(tmp_path / "run"))
+    written = w.to_tensorboard(writer)
+    writer.close()
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    back: dict[int, dict[str, int]] = {}
+    for tag in acc.Tags()["scalars"]:
+        for event in acc.Scalars(tag):
+            back.setdefault(event.step, {})[tag] = int(event.value)
+    expected: dict[int, dict[str, int]] = {}
+    for r in w.records():
+        tags = expected.setdefault(r["step"], {})
+        for c in ("exact", "effective", "near"):
+            for tag in (f"kinkgrad/{c}/op/{r['op']}", f"kinkgrad/{c}/module/{r['module']}"):
+                tags[tag] = tags.get(tag, 0) + r[c]
+            tags[f"kinkgrad/{c}/total"] = tags.get(f"kinkgrad/{c}/total", 0) + r[c]
+    assert back == expected == written
+    assert back[2]["kinkgrad/exact/op/relu"] == 2 * 4  # 4 samples at step 2, 2 units each
+    assert back[2]["kinkgrad/effective/module/1"] == 8
+
+    # A folder instead of a writer; one step only.
+    only = w.to_tensorboard(tmp_path / "one", step=1)
+    acc = EventAccumulator(str(tmp_path / "one"))
+    acc.Reload()
+    assert {e.step for t in acc.Tags()["scalars"] for e in acc.Scalars(t)} == {1}
+    assert only == {1: expected[1]}
+
+
+def test_top_module_scalars_sum_submodules():
+    recs = [
+        {"step": 0, "module": "features.1", "op": "relu", "exact": 2, "effective": 1, "near": 3},
+        {"step": 0, "module": "features.4", "op": "relu", "exact": 5, "effective": 0, "near": 5},
+        {"step": 0, "module": "(root)", "op": "clamp", "exact": 1, "effective": 1, "near": 1},
+    ]
+    s = watch_report.step_scalars(recs)[0]
+    assert s["kinkgrad/exact/module/features"] == 7 and s["kinkgrad/near/op/relu"] == 8
+    assert s["kinkgrad/exact/module/(root)"] == 1 and s["kinkgrad/exact/total"] == 8
+
+
+def test_missing_tensorboard_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    w = _tiny_watched()
+    with pytest.raises(ImportError, match=r"kinkgrad\[tensorboard\]"):
+        w.to_tensorboard(tmp_path / "run")
