@@ -133,6 +133,9 @@ class Watcher:
         self._active = False
         self._order: dict[str, int] = {}
         self.errors: dict[str, int] = {}
+        #: Calls inside torch.func transforms the watcher could not count, per op.
+        self.uncounted: dict[str, int] = {}
+        self._said_effective = False
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -230,6 +233,16 @@ class Watcher:
         x = call.inputs[0] if call.inputs else None
         if not isinstance(x, Tensor):
             return
+        # (torch.compile traces torch.func transforms itself, on its own tensors.)
+        transformed = (
+            not torch.compiler.is_compiling()
+            and torch._C._functorch.is_functorch_wrapped_tensor(x)
+        )
+        if transformed:  # inside torch.func.vmap / grad: count the plain tensor below
+            call = self._unwrapped(spec, call)
+            if call is None:
+                return
+            x = call.inputs[0]
         try:
             key = (
                 self._step,
@@ -264,11 +277,44 @@ class Watcher:
                         exact = self._record(row, host, sites, exact, near, m)
                 finally:
                     torch._C._set_grad_enabled(grad)
-                call.extra[self] = (row, exact)
+                if not transformed:  # (effective hits: see _unwrapped)
+                    call.extra[self] = (row, exact)
             else:
                 call.extra[self] = (row, _TIE)
         except Exception as e:  # never stop a training run over a count
             self._failed(spec, e)
+
+    def _unwrapped(self, spec: Any, call: Any) -> Any:
+        """The call on the plain tensor under `torch.func` wrappers, whose elements are
+        those of every vmapped instance; None (and a warning, once per op) for what
+        cannot be counted there: ops with several tensor inputs, whose batch layouts
+        would have to be aligned, and tie ops. Effective hits are not counted inside
+        transforms: a backward hook there sees the gradient of the transform's level,
+        not the one the exact mask is laid out for; a warning says so once."""
+        tensors = [t for t in call.inputs if isinstance(t, Tensor)]
+        if isinstance(spec.family, (Elementwise, Jump)) and len(tensors) == 1:
+            x = call.inputs[0]
+            if torch._C._functorch.is_gradtrackingtensor(x) and not self._said_effective:
+                self._said_effective = True
+                warnings.warn(
+                    "kinkgrad.watch counts exact, near, subnormal and non-finite elements "
+                    "inside torch.func transforms (vmap, grad), but not effective hits: "
+                    "Watcher.records() has effective = 0 for those calls",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+            return call.replace({x: watch_count.unwrap_transforms(x)})
+        first = spec.name not in self.uncounted
+        self.uncounted[spec.name] = self.uncounted.get(spec.name, 0) + 1
+        if first:
+            warnings.warn(
+                f"kinkgrad.watch cannot count {spec.name!r} inside torch.func transforms "
+                f"(vmap, grad): there it counts one-input elementwise and jump ops only; "
+                f"the op ran unchanged, and Watcher.uncounted counts the calls skipped",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        return None
 
     def after(self, spec: Any, call: Any, out: Any) -> None:
         entry = call.extra.pop(self, None)
@@ -291,7 +337,7 @@ class Watcher:
             self._failed(spec, e)
 
     def _measure(self, call: Any, x: Tensor, seed: dict | None = None) -> watch_count.Measure:
-        quick = watch_count.CPU_PRECHECK and x.device.type == "cpu"
+        quick = watch_count.CPU_PRECHECK and x.is_cpu
         return watch_count.Measure(self.near, watch_count.floats(call), quick, seed)
 
     def _ties(self, spec: Any, call: Any, out: Any, values: Tensor, row: int) -> Tensor | None:

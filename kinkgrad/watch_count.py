@@ -18,6 +18,20 @@ from .families import Elementwise, Jump, Pool, Selection
 NEAR_EPS_MULTIPLE = 4
 
 
+def unwrap_transforms(t: Tensor) -> Tensor | None:
+    """The plain tensor under `torch.func` wrappers (vmap's batched tensors, grad's
+    tracking tensors), all levels; the outermost vmap's batch dimension moved to dim 0,
+    so that `samples` counts vmapped instances. None: `t` is not wrapped."""
+    functorch = torch._C._functorch
+    if not functorch.is_functorch_wrapped_tensor(t):
+        return None
+    bdim = -1
+    while functorch.is_functorch_wrapped_tensor(t):
+        bdim = functorch.maybe_get_bdim(t) if functorch.is_batchedtensor(t) else -1
+        t = functorch.get_unwrapped(t)
+    return t.movedim(bdim, 0) if bdim > 0 else t
+
+
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
 
 

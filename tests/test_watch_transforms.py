@@ -1,0 +1,124 @@
+"""kinkgrad.watch under torch.func transforms and torch.compile.
+
+vmap: one-input elementwise and jump ops are counted on the tensor below the batching
+(every vmapped instance), so the counts equal those of the same batch run eagerly;
+other ops are not counted there, and the watcher says so. torch.compile: the counts
+equal eager's (the watcher's Python runs at graph breaks; see the report for how many).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import kinkgrad as kg
+
+
+def _batch() -> torch.Tensor:
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    x[0, :3] = 0.0
+    x[3, 1] = 1.0  # hardtanh's kink
+    x[4, 2] = torch.finfo(torch.float32).tiny / 4  # subnormal
+    x[2, 5] = 1e-9  # near 0, not on it
+    return x
+
+
+FUNCS = {
+    "relu": torch.relu,
+    "abs": torch.abs,
+    "hardtanh": nn.functional.hardtanh,
+    "sign": torch.sign,  # a jump op
+}
+
+
+def _records(fn, x: torch.Tensor) -> list[dict]:
+    with kg.watch(nn.Identity()) as w:
+        fn(x)
+    return w.records()
+
+
+@pytest.mark.parametrize("name", sorted(FUNCS))
+def test_vmap_counts_equal_the_eager_batch(name):
+    f = FUNCS[name]
+    x = _batch()
+    eager = _records(f, x)
+    assert eager and eager[0]["exact"] > 0
+    assert _records(torch.func.vmap(f), x) == eager
+    # The batch along dim 1: samples count vmapped instances (columns here).
+    by_columns = _records(torch.func.vmap(f, in_dims=1), x)
+    assert by_columns[0]["exact"] == eager[0]["exact"]
+    assert by_columns[0]["samples"] == _records(f, x.T.contiguous())[0]["samples"]
+    # Nested vmaps: still every element once.
+    nested = _records(torch.func.vmap(torch.func.vmap(f)), x)
+    assert {k: nested[0][k] for k in ("exact", "near", "subnormal", "elements")} == {
+        k: eager[0][k] for k in ("exact", "near", "subnormal", "elements")
+    }
+
+
+def test_per_sample_gradients_count_exact_and_say_effective_is_not_counted():
+    x = _batch()
+
+    def loss(v):
+        return torch.relu(v).sum()
+
+    with pytest.warns(RuntimeWarning, match="not effective hits"):
+        with kg.watch(nn.Identity()) as w:
+            torch.func.vmap(torch.func.grad(loss))(x)
+    r = w.records()[0]
+    eager = _records(torch.relu, x)[0]
+    assert (r["exact"], r["near"], r["effective"]) == (eager["exact"], eager["near"], 0)
+
+
+def test_ops_it_cannot_count_under_vmap_are_named():
+    x = _batch()
+    with pytest.warns(RuntimeWarning, match="cannot count 'maximum' inside torch.func"):
+        with kg.watch(nn.Identity()) as w:
+            out = torch.func.vmap(lambda a: torch.maximum(a, a.flip(0)))(x)
+            torch.func.vmap(lambda a: torch.maximum(a, a.flip(0)))(x)
+    assert torch.equal(out, torch.maximum(x, x.flip(1)))  # the op itself ran unchanged
+    assert w.uncounted == {"maximum": 2} and w.records() == [] and w.errors == {}
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------
+
+
+def _train(compiled: str | None) -> list[dict]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.MaxPool1d(2), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[:3].zero_()  # three ReLU inputs exactly 0, and tied windows
+    f = torch.compile(model, backend=compiled) if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    with kg.watch(model) as w:
+        for _ in range(3):
+            x = torch.randn(6, 4, generator=gen)
+            x[0] = 0.0
+            loss = f(x).square().sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch._dynamo.reset()
+    return w.records()
+
+
+# torch.compile(module) warns that the watcher's global module hooks fire once more, for
+# the OptimizedModule wrapper: it is not a module of the model, so the watcher ignores it.
+GLOBAL_HOOKS = "ignore:Using `torch.compile.module.` when there are global hooks"
+
+
+@pytest.mark.filterwarnings(GLOBAL_HOOKS)
+def test_compiled_counts_equal_eager():
+    eager = _train(None)
+    assert sum(r["exact"] for r in eager) > 0 and sum(r["effective"] for r in eager) > 0
+    assert _train("eager") == eager
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(GLOBAL_HOOKS)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_counts_equal_eager_other_backends(backend):
+    assert _train(backend) == _train(None)
