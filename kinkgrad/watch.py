@@ -265,8 +265,11 @@ class Watcher:
                 try:
                     with torch._C.DisableTorchFunction():
                         seed: dict = {}
-                        if watch_count.nothing_to_count(fam, call, x, self.near, seed):
+                        n = watch_count.quick_near(fam, call, x, self.near, seed)
+                        if n is not None:
                             host[2] += x.numel()
+                            if n:
+                                store.add(row, watch_count.near_only(n))
                             return
                         m = self._measure(call, x, seed)
                         if isinstance(fam, Jump):

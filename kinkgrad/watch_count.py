@@ -187,11 +187,13 @@ def _dtype_limits(dtype: torch.dtype) -> tuple[float, float]:
     return limits
 
 
-def nothing_to_count(fam: Any, call: Any, x: Tensor, near: float | None, seed: dict) -> bool:
+def quick_near(fam: Any, call: Any, x: Tensor, near: float | None, seed: dict) -> int | None:
     """The CPU pre-check's common case, kept lean: a one-input elementwise op whose
-    input has no NaN, inf, zero or subnormal and no element within the tolerance of a
-    kink point. Then every device count is 0 and nothing is built. Otherwise `seed`
-    keeps |x| and its span for `Measure`."""
+    input has no NaN, inf, zero or subnormal element and no element on a kink point.
+    Then every count but `near` is 0, no mask is kept and no backward hook is needed:
+    returns the number of near elements (0 unless some element is within the tolerance
+    of a kink point). None: the general path must run; `seed` then keeps |x| and its
+    span for `Measure`."""
     if not (
         CPU_PRECHECK
         and type(fam) is Elementwise
@@ -200,10 +202,10 @@ def nothing_to_count(fam: Any, call: Any, x: Tensor, near: float | None, seed: d
         and x.is_floating_point()
         and x.numel()
     ):
-        return False
+        return None
     points = _points(fam, call, x)
     if points is None:
-        return False
+        return None
     xd = x.detach()
     a = xd.abs()
     lo, hi = torch.aminmax(a)
@@ -211,7 +213,8 @@ def nothing_to_count(fam: Any, call: Any, x: Tensor, near: float | None, seed: d
     seed[id(x)] = (a, lo, hi)
     tiny, c = _dtype_limits(x.dtype)
     if not (hi < math.inf and lo >= tiny):
-        return False
+        return None
+    close: list[tuple[float, float]] = []
     for p in points:
         if not math.isfinite(p):
             continue  # x is finite: never on an infinite kink point
@@ -221,9 +224,21 @@ def nothing_to_count(fam: Any, call: Any, x: Tensor, near: float | None, seed: d
             dmin = abs(p) - hi
         else:
             dmin = (xd - p).abs().amin().item()
-        if not dmin > (near if near is not None else c * max(hi, abs(p))):
-            return False
-    return True
+        if dmin == 0:
+            return None  # an exact hit: masks, samples and the backward hook
+        tol = near if near is not None else c * max(hi, abs(p))
+        if dmin <= tol:
+            close.append((p, tol))
+    mask = None
+    for p, tol in close:  # the same test as _near_kink's, without a Measure
+        m = (a if p == 0 else (xd - p).abs()) <= tol
+        mask = m if mask is None else mask | m
+    return 0 if mask is None else int(torch.count_nonzero(mask))
+
+
+def near_only(n: int) -> Tensor:
+    """A count vector (store.DEVICE_COLUMNS order) with `n` near hits and nothing else."""
+    return torch.tensor([0, 0, n, 0, 0, 0], dtype=torch.int64)
 
 
 def _plus(a: Tensor | None, b: Tensor) -> Tensor:
