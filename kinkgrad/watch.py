@@ -50,14 +50,21 @@ starts that way.
 small vector and nothing waits for the device (checked on CUDA with
 `torch.cuda.set_sync_debug_mode("error")`). Reading (`records`, `summary`, `save`,
 `plot`, `print`) synchronises once. On CPU, where reading a value back is no
-synchronisation, one `aminmax` per operand first rules out what cannot count (as the
-core's `Kink.possible` does), so a call with nothing on or near a kink builds no mask
-and registers no backward hook (`watch_count.CPU_PRECHECK`). The watcher never changes forward
-values or gradients: it only reads inputs, and its backward hooks return nothing.
+synchronisation, one `aminmax` per operand first rules out what cannot count, so a
+call with nothing on a kink builds no mask and registers no backward hook
+(`watch_count.CPU_PRECHECK`). An optimizer's `step()` inside the block runs without
+interception (`watch_optimizer`). The watcher never changes forward values or
+gradients: it only reads inputs, and its backward hooks return nothing.
+
+**Transforms**: inside `torch.func.vmap` / `grad`, one-input elementwise and jump ops
+are counted on the tensor below the batching (every vmapped instance; `samples` counts
+instances of the outermost vmap), without effective hits; other ops are not counted
+there (`Watcher.uncounted`, and a warning). Under `torch.compile` the counts equal
+eager's, but the watcher's Python runs at graph breaks.
 
 Multi-process: with `torch.distributed` initialised, `records(all_ranks=True)` and
 `summary(all_ranks=True)` sum the counts of all ranks (a collective: every rank calls
-it). `save` and `plot` with `all_ranks=True` write on rank 0 only.
+it). `save`, `plot` and `to_tensorboard` with `all_ranks=True` write on rank 0 only.
 """
 
 from __future__ import annotations
