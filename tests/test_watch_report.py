@@ -132,7 +132,7 @@ def test_plot_of_a_resnet_style_model(tmp_path):
     assert all(f"{m} " in text for m, _ in layers)
 
 
-@pytest.mark.parametrize("n", [1, 12, 200, 260])
+@pytest.mark.parametrize("n", [1, 12, 260])  # 260: beyond MAX_ROWS, the rest summed
 def test_plot_scales_with_the_number_of_layers(tmp_path, n):
     from kinkgrad import watch_plot
 
