@@ -242,8 +242,7 @@ class Watcher:
             return
         # (torch.compile traces torch.func transforms itself, on its own tensors.)
         transformed = (
-            not torch.compiler.is_compiling()
-            and torch._C._functorch.is_functorch_wrapped_tensor(x)
+            not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x)
         )
         if transformed:  # inside torch.func.vmap / grad: count the plain tensor below
             call = self._unwrapped(spec, call)
