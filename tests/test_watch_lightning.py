@@ -203,3 +203,34 @@ def test_ddp_counts_are_summed_over_ranks(tmp_path):
         assert own == [2 * samples, 2 * samples]
         assert ranks[0]["logged"][s]["kinkgrad/exact/module/net"] == sum(own)
         assert ranks[0]["logged"][s]["kinkgrad/effective/module/net"] == sum(own)
+
+
+def test_kinkgrad_imports_and_watches_without_the_extras():
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('lightning', 'pytorch_lightning', 'tensorboard'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, kinkgrad as kg\n"
+        "m = torch.nn.ReLU()\n"
+        "with kg.watch(m) as w:\n"
+        "    m(torch.zeros(3))\n"
+        "assert w.records()[0]['exact'] == 3\n"
+        "try:\n"
+        "    import kinkgrad.integrations.lightning\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+        "try:\n"
+        "    w.to_tensorboard('unused')\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert "pip install 'kinkgrad[lightning]'" in out
+    assert "pip install 'kinkgrad[tensorboard]'" in out
