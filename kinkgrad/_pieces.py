@@ -143,7 +143,13 @@ class _Piece:
         raise NotImplementedError
 
     @property
-    def unresolved(self) -> int:
+    def undecided(self) -> int:
+        """Elements (tie groups) on a kink that no direction so far has decided."""
+        return 0
+
+    @property
+    def nonfinite(self) -> int:
+        """Of the undecided, those whose tangents were not finite (no conclusion)."""
         return 0
 
 
@@ -208,6 +214,7 @@ class _Kinks(_Piece):
         self.cands = [i for i, k in enumerate(self.kinks) if k.possible()]
         self._live: list[tuple[int, _At]] | None = None
         self.side: list[Tensor | None] = []  # int8, one per element on the kink
+        self.finite: list[Tensor | None] = []  # the last direction's tangent was finite
         if self.cands and self.call.inputs[0].device.type != "cpu":
             self.flag, self.hit = _device_flag([self.kinks[i].mask for i in self.cands])
         else:
@@ -222,6 +229,7 @@ class _Kinks(_Piece):
                 if at.count:
                     self._live.append((i, at))
             self.side = [None] * len(self._live)
+            self.finite = [None] * len(self._live)
         return self._live
 
     @staticmethod
@@ -305,7 +313,10 @@ class _Kinks(_Piece):
             k = self.kinks[i]
             tv = [at.get(t) for t in ts]
             like = torch.zeros(at.count, dtype=new.dtype, device=new.device)
-            sign = torch.sign(_dot([at.get(c) for c in k.direction], tv, like)).to(torch.int8)
+            rate = _dot([at.get(c) for c in k.direction], tv, like)
+            fin = torch.isfinite(rate)
+            sign = torch.where(fin, torch.sign(rate), torch.zeros_like(rate)).to(torch.int8)
+            self.finite[j] = fin
             prev = self.side[j]
             side = sign if prev is None else torch.where(prev != 0, prev, sign)
             self.side[j] = side
@@ -336,10 +347,20 @@ class _Kinks(_Piece):
         return sum(at.count for _, at in self.live) if self.seen else 0
 
     @property
-    def unresolved(self) -> int:
+    def undecided(self) -> int:
         if not self.seen:
             return 0
         return sum(int((s == 0).sum()) for s in self.side if s is not None)
+
+    @property
+    def nonfinite(self) -> int:
+        if not self.seen:
+            return 0
+        return sum(
+            int(((s == 0) & ~f).sum())
+            for s, f in zip(self.side, self.finite, strict=True)
+            if s is not None and f is not None
+        )
 
 
 def _lex_order(X: Tensor, keys: Sequence[Tensor]) -> Tensor:
@@ -363,6 +384,7 @@ class _Ordered(_Piece):
         self.hit = self.seen = False
         self.keys: list[Tensor] = []
         self._unres = 0
+        self._nonfinite = 0
 
     def run(self, hooks: bool) -> Any:
         out = _run_with_input_fix(self.call, self._fix) if hooks else self.call.run()
@@ -376,8 +398,12 @@ class _Ordered(_Piece):
         raise NotImplementedError
 
     @property
-    def unresolved(self) -> int:
+    def undecided(self) -> int:
         return self._unres if self.seen else 0
+
+    @property
+    def nonfinite(self) -> int:
+        return self._nonfinite if self.seen else 0
 
 
 class _Ties(_Ordered):
@@ -494,7 +520,10 @@ class _Ties(_Ordered):
         amb[:, :-1] |= same
         amb[:, 1:] |= same
         amb_elem = torch.zeros_like(amb).scatter_(1, perm, amb)
-        return int((amb_elem.gather(1, self.target) & self.tied & self.valid).sum())
+        undecided = amb_elem.gather(1, self.target) & self.tied & self.valid
+        finite = torch.isfinite(self.keys[-1]).gather(1, self.target)
+        self._nonfinite = int((undecided & ~finite).sum())
+        return int(undecided.sum())
 
     def _fix(self, native: Tensor, g: Tensor, values: Tensor) -> Tensor:
         if self.target is None or not self.hit:
@@ -605,7 +634,10 @@ class _Windows(_Ordered):
             kw = torch.where(cand, key, torch.full_like(key, -_INF))
             cand = cand & (kw == kw.amax(-1, keepdim=True))
         self.sel = cand.to(torch.int8).argmax(-1)  # first candidate in scan order
-        self._unres = int((self.tie & (cand.sum(-1) > 1)).sum())
+        # A NaN tangent compares unequal to everything: such a window is not decided.
+        bad = (self.eq & ~torch.isfinite(Tw)).any(-1) & self.tie
+        self._unres = int((self.tie & ((cand.sum(-1) > 1) | bad)).sum())
+        self._nonfinite = int(bad.sum())
         ours = Tw.gather(-1, self.sel.unsqueeze(-1)).squeeze(-1)
         native = vt if vt is not None else torch.zeros_like(ours)
         new = torch.where(self.tie, ours, native)

@@ -20,14 +20,19 @@ How it runs (the tangent pass only when needed):
    max pooling, ...) tied inputs are ordered by tangent. It then corrects its output
    tangent to that piece's directional derivative (PyTorch's jvp at a kink is a fixed
    choice, e.g. relu's is 0 whatever the tangent), so later kinks see the right tangents.
-3. Where a tangent is exactly zero too (or tied inputs have equal tangents), step 2
-   runs again with a further random direction, keeping earlier decisions: the
-   lexicographic rule (Nesterov; Khan & Barton). At most `max_directions` directions
-   (default `MAX_DIRECTIONS` = 2); what is left is counted in `.unresolved` and keeps
-   PyTorch's value (elementwise) or index order (ties). With probability one over the
-   random directions such a kink does not change the gradient (its input does not move
-   to first order, or the tied inputs move alike), but that cannot be proven from
-   tangents, so the result is not reported as certified.
+3. Where a tangent is exactly zero too (or tied inputs have equal tangents), the kink
+   is *immaterial*: on the piece d enters, the inputs' gradients a_i satisfy
+   <a_i - a_j, d> = 0 (ties) or <c, a> = 0 (an elementwise kink with normal c; a
+   continuous op's one-sided gradients differ by a multiple of c), and for a random d,
+   drawn from a density and independent of the finitely many pieces, that happens only
+   when the difference is zero, with probability one. Every choice at such a kink then
+   gives the same gradient, so it is counted in `.immaterial` and does not stop the
+   result from being certified. When the first direction was given (not random), a
+   random one follows, keeping earlier decisions: the lexicographic rule (Nesterov;
+   Khan & Barton), at most `max_directions` (default `MAX_DIRECTIONS` = 2). A kink
+   whose tangents are not finite (NaN, inf) proves nothing: it is counted in
+   `.unresolved`, keeps PyTorch's value (elementwise) or index order (ties), and the
+   result is not certified.
 
 Then reverse mode runs and the hooks read the decisions.
 
@@ -234,6 +239,10 @@ class _Directions:
             )
         return self.drawn[k]
 
+    def is_random(self, k: int) -> bool:
+        """Was the k-th direction drawn at random (not given by the caller)?"""
+        return k > 0 or self.first is None
+
 
 def _like(ts: Sequence[Tensor]) -> list[tuple]:
     return [(tuple(t.shape), t.dtype, t.device) for t in ts]
@@ -319,6 +328,7 @@ class _Summary:
     jumps_hit: int = 0
     directions_used: int = 0
     by_op: dict[str, dict[str, int]] = field(default_factory=dict)
+    immaterial: int = 0
 
 
 def _tangent_passes(
@@ -358,19 +368,28 @@ def _tangent_passes(
                 f"pass {record.index}; f must compute the same values when run twice"
             )
         summary.directions_used = k + 1
-        if not any(e.unresolved for e in live):
+        if not any(e.undecided for e in live):
             break
+        if directions.is_random(k):
+            break  # what a random direction leaves undecided is immaterial (a.s.)
+    # Immaterial only once a random direction was used: a given direction can be
+    # orthogonal to the difference of two gradients.
+    random_used = any(directions.is_random(j) for j in range(summary.directions_used))
     for e in live:
         if not e.seen:
             continue
-        row = summary.by_op.setdefault(e.spec.name, {"hits": 0, "unresolved": 0})
+        row = summary.by_op.setdefault(e.spec.name, {"hits": 0, "unresolved": 0, "immaterial": 0})
+        undecided = e.undecided
+        unresolved = e.nonfinite if random_used else undecided
         row["hits"] += e.hits
-        row["unresolved"] += e.unresolved
+        row["unresolved"] += unresolved
+        row["immaterial"] += undecided - unresolved
         if isinstance(e, _Jumps):
             summary.jumps_hit += e.hits
         else:
             summary.kinks_hit += e.hits
-            summary.unresolved += e.unresolved
+            summary.unresolved += unresolved
+            summary.immaterial += undecided - unresolved
     return summary
 
 
@@ -383,11 +402,13 @@ class _Counts:
     directions_used: int
     seed: int
     by_op: dict[str, dict[str, int]]
+    immaterial: int
 
     @property
     def certified(self) -> bool:
-        """True when every kink met was decided by a direction and no jump op sat on
-        its jump: the gradient is lim_{t->0+} grad f(x + t d) for the directions used."""
+        """True when every kink met was decided by a direction or shown immaterial and
+        no jump op sat on its jump: the gradient is lim_{t->0+} grad f(x + t d) for the
+        directions used (with probability one over the random directions)."""
         return self.jumps_hit == 0 and self.unresolved == 0
 
     def _summary(self) -> str:
@@ -399,6 +420,8 @@ class _Counts:
             )
         if self.jumps_hit:
             why.append(f"{self.jumps_hit} element(s) on a jump")
+        if self.immaterial:
+            why.append(f"{self.immaterial} immaterial tie(s)/kink(s)")
         extra = f" ({'; '.join(why)})" if why else ""
         ops_ = ", ".join(
             f"{k}: {v['hits']}"
@@ -418,9 +441,10 @@ class CertifiedGrad(_Counts):
 
     **Fields**: `grads` (one tensor per input), `value` (f at the inputs), `kinks_hit`
     (elements exactly on a kink, tie groups, tie windows, whose input depends on the
-    inputs), `unresolved` (those no direction decided), `jumps_hit` (elements on a jump
+    inputs), `immaterial` (those no direction decided, where every choice gives the same
+    gradient), `unresolved` (those left undecided with no such proof), `jumps_hit` (elements on a jump
     of sign, round, ...), `directions_used` (tangent passes run; 0 when no kink was
-    met), `seed`, `by_op` (op -> hits, unresolved). Properties: `grad` (the gradient of
+    met), `seed`, `by_op` (op -> hits, unresolved, immaterial). Properties: `grad` (the gradient of
     the only input, or the tuple `grads`), `certified`, `direction` (the first
     direction, one tensor per input).
     """
@@ -434,6 +458,7 @@ class CertifiedGrad(_Counts):
     seed: int
     by_op: dict[str, dict[str, int]]
     _directions: _Directions
+    immaterial: int = 0
 
     @property
     def grad(self) -> Tensor | tuple[Tensor, ...]:
@@ -470,6 +495,7 @@ class CertifiedStep(_Counts):
     by_op: dict[str, dict[str, int]]
     _directions: _Directions
     _names: tuple[str, ...]
+    immaterial: int = 0
 
     @property
     def direction(self) -> dict[str, Tensor]:
@@ -546,6 +572,7 @@ def certified_grad(
         dirs.seed,
         summary.by_op,
         dirs,
+        summary.immaterial,
     )
 
 
@@ -636,7 +663,8 @@ def certified_backward(
     parameter's `.grad` (as `loss.backward()` would) the gradient of the piece that
     params + t d enters, d random over the parameters: lim_{t->0+} grad L(params + t d).
     Steps that meet no kink cost one policy step; a step that meets one pays one extra
-    forward-mode pass (two if a kink stays undecided). The second pass replays the RNG
+    forward-mode pass (a kink that pass leaves undecided is immaterial). The second pass
+    replays the RNG
     state (dropout draws the same masks) and runs on copies of the module buffers.
 
     **Arguments**: `loss_fn(model, *batch)` returns a scalar loss; `model` an
@@ -683,6 +711,7 @@ def certified_backward(
         summary.by_op,
         dirs,
         tuple(n for n, _ in named),
+        summary.immaterial,
     )
 
 
