@@ -441,12 +441,12 @@ class CertifiedGrad(_Counts):
 
     **Fields**: `grads` (one tensor per input), `value` (f at the inputs), `kinks_hit`
     (elements exactly on a kink, tie groups, tie windows, whose input depends on the
-    inputs), `immaterial` (those no direction decided, where every choice gives the same
-    gradient), `unresolved` (those left undecided with no such proof), `jumps_hit` (elements on a jump
-    of sign, round, ...), `directions_used` (tangent passes run; 0 when no kink was
-    met), `seed`, `by_op` (op -> hits, unresolved, immaterial). Properties: `grad` (the gradient of
-    the only input, or the tuple `grads`), `certified`, `direction` (the first
-    direction, one tensor per input).
+    inputs), `immaterial` (those no direction decided, where every choice gives the
+    same gradient), `unresolved` (those left undecided with no such proof),
+    `jumps_hit` (elements on a jump of sign, round, ...), `directions_used` (tangent
+    passes run; 0 when no kink was met), `seed`, `by_op` (op -> hits, unresolved,
+    immaterial). Properties: `grad` (the gradient of the only input, or the tuple
+    `grads`), `certified`, `direction` (the first direction, one tensor per input).
     """
 
     grads: tuple[Tensor, ...]
