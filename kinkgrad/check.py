@@ -77,9 +77,9 @@ VERDICTS = ("passed", "failed", "inconclusive")
 class DirectionCheck:
     """One direction d (unit norm over all inputs; `kind` "random" or "adversarial"):
     `forward` = f'(x; d), `backward` = f'(x; -d) (one-sided, float64 finite
-    differences, `fd_error` / `fd_error_back` their error estimates), `predicted` = <g, d>, `error` =
-    |forward - predicted|, `tolerance`; `ok` (the first-order model holds along d),
-    `symmetric` (forward = -backward), `subgradient` (<g, +-d> <= f'(x; +-d)),
+    differences, `fd_error` / `fd_error_back` their error estimates), `predicted` =
+    <g, d>, `error` = |forward - predicted|, `tolerance`; `ok` (the first-order model
+    holds along d), `symmetric` (forward = -backward), `subgradient` (<g, +-d> <= f'(x; +-d)),
     `supergradient` (>=), `radius` / `radius_back` (linearization radius along d / -d),
     `jump` (a `Jump` certificate along d or -d, else None)."""
 
