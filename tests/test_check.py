@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kinkgrad as kg
-from kinkgrad.check import cli
+from kinkgrad.check_cli import cli
 
 D = torch.float64
 
@@ -93,13 +93,15 @@ def test_relu_identity_fails_under_the_default_policy_and_says_why():
     assert rep.differentiable  # relu(x) - relu(-x) is x
     assert rep.clarke_distance == pytest.approx(1.0)
     text = " ".join(rep.reasons)
-    assert "differentiable" in text and "disagrees" in text and "not the gradient" in text
+    assert rep.verdict == "failed" and rep.decided_by == "differentiability"
+    assert "differentiable" in text and "not the gradient" in text
     assert all(
         d.forward == pytest.approx(d.predicted + (1 if d.forward > 0 else -1))
         for d in rep.directions
     )
     out = str(rep)
     assert "FAILED" in out and "f'(x; d)" in out and "<g, d>" in out
+    assert "decided by: differentiability" in out
 
 
 def test_relu_identity_passes_with_relu_prime_one_half():
@@ -122,9 +124,10 @@ def test_kink_with_a_gradient_outside_the_clarke_set_fails():
     # (inside). Leave it through a non-Clarke value instead: leaky_relu slope outside.
     f = lambda x: (x.abs() + 4 * (torch.maximum(x, torch.zeros_like(x)) - torch.relu(x))).sum()
     rep = kg.check(f, x64(0.0), seed=2)
-    assert rep.kink and not rep.passed  # plain gives 0 + 4 * 0.5 = 2, Clarke set [-1, 1]
+    assert rep.kink and rep.verdict == "failed"  # plain gives 0 + 4 * 0.5 = 2; Clarke [-1, 1]
+    assert rep.decided_by == "one variable"
     assert rep.clarke_distance == pytest.approx(1.0, abs=1e-6)
-    assert "not a Clarke generalized gradient" in " ".join(rep.reasons)
+    assert "outside the Clarke set [-1, 1]" in rep.reason
 
 
 def test_maximum_minus_relu_fails():
@@ -209,6 +212,88 @@ def cases(tmp_path):
         )
     )
     return path
+
+
+def test_cli_exit_status_says_the_verdict(cases, tmp_path, capsys):
+    """0 passed, 1 failed, 3 inconclusive; the table names the deciding test."""
+    path = tmp_path / "verdicts.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            def jump(x):
+                return torch.sign(x).sum()
+
+            def unprovable(x):  # g = 2 per coordinate, Clarke set [0, 1]^n: undecidable
+                z = torch.zeros_like(x)
+                return (torch.relu(x) + 4 * (torch.maximum(x, z) - torch.relu(x))).sum()
+            """
+        )
+    )
+    assert cli([f"{path}:jump", "--at", "[0.0]", "--seed", "0"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "decided by: discontinuity" in out and "jump of about 1" in out
+    assert cli([f"{path}:unprovable", "--at", "[0, 0, 0, 0]", "--seed", "0"]) == 3
+    out = capsys.readouterr().out
+    assert "INCONCLUSIVE" in out and "distance" in out
+
+
+@pytest.fixture
+def broken(tmp_path):
+    (tmp_path / "syntax_err.py").write_text("def f(x):\n    return (x\n")
+    (tmp_path / "import_err.py").write_text("import no_such_module_kg_xyz\n")
+    (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('boom at import')\n")
+    (tmp_path / "fns.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            def raises(x):
+                raise ZeroDivisionError("user bug")
+
+            def heaviside(x):
+                return torch.heaviside(x, torch.tensor(0.5, dtype=x.dtype)).sum() + x.sum()
+
+            def case_raises():
+                raise KeyError("missing")
+
+            def f(x):
+                return x.sum()
+            """
+        )
+    )
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["{d}/fns.py:raises", "--at", "[0.0]"], "ZeroDivisionError: user bug"),
+        (["{d}/fns.py:case_raises"], "KeyError"),
+        (["{d}/syntax_err.py:f", "--at", "[0.0]"], "syntax error"),
+        (["{d}/import_err.py:f", "--at", "[0.0]"], "ModuleNotFoundError"),
+        (["{d}/raises_on_import.py:f", "--at", "[0.0]"], "boom at import"),
+        (["{d}/fns.py:f", "--at", '"abc"'], "--at"),
+        (["{d}/fns.py:f", "--at", "[nan]"], "--at"),
+        (["{d}/fns.py:f", "--at", "[NaN]"], "finite"),
+        (["{d}/fns.py:f", "--at", "[[1, 2], [3]]"], "rectangular"),
+        (["{d}/fns.py:f", "--at", "[true]"], "--at"),
+        (["{d}/fns.py:f", "--shape", "-1"], "--shape"),
+        (["{d}/fns.py:f", "--shape", "100000,100000"], "at most"),
+        (["{d}/fns.py:f", "--shape", "a,b"], "--shape"),
+        (["{d}/fns.py:f", "--at", "[0.0]", "--directions", "0"], "--directions"),
+        (["{d}/fns.py:heaviside", "--at", "[0.0, 1.0]"], "heaviside"),
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_line(broken, capsys, args, words):
+    assert cli([a.format(d=broken) for a in args]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert captured.out == ""
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("kinkgrad check: ") and "Traceback" not in err
+    assert words in err
 
 
 def test_cli_case_function(cases, capsys):
