@@ -46,9 +46,9 @@ def _grad_nudge(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def _convex_pool():
     # sum_w c_w maxpool(x)_w with c >= 0 is convex; windows with tied maxima
-    x = torch.zeros(1, 2, 6, 6, dtype=D)
-    x[0, 0, :3, :3] = 1.0  # a tied window of ones next to windows of zeros
-    c = torch.rand(1, 2, 3, 3, generator=gen(5), dtype=D)
+    x = torch.zeros(1, 2, 4, 4, dtype=D)
+    x[0, 0, :2, :3] = 1.0  # a tied window of ones, one half-tied, windows of zeros
+    c = torch.rand(1, 2, 2, 2, generator=gen(5), dtype=D)
     return (lambda x: (c * F.max_pool2d(x, 2)).sum()), x.requires_grad_()
 
 
