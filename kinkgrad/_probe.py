@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from .certify import _check_output
+from ._inputs import _check_output
 
 #: Forward-difference steps per one-sided derivative (halving from the first).
 LEVELS = 12

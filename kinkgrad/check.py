@@ -59,8 +59,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._inputs import _check_inputs, _check_output, _new_seed
 from ._probe import Jump, Point, flat, float64_version, hull_projection
-from .certify import _check_inputs, _check_output, _new_seed, linearization
+from .linearize import linearization
 from .policy import STATE
 
 #: Adversarial directions tried at most (each: two linearizations, ~30 evaluations of
