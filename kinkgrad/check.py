@@ -262,6 +262,11 @@ class _Check:
     ) -> None:
         out = _check_output(f(*xs), who)
         self.value = float(out.detach())
+        if not math.isfinite(self.value):
+            raise ValueError(
+                f"{who}: f(x) = {self.value} at the point given; a derivative needs a finite "
+                "value there"
+            )
         if out.requires_grad:
             try:
                 raw = torch.autograd.grad(out.reshape(()), xs, allow_unused=True)

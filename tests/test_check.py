@@ -181,6 +181,10 @@ def test_errors():
         kg.check(lambda x: x.sum(), torch.tensor([float("nan")], requires_grad=True))
     with pytest.raises(ValueError, match="directions"):
         kg.check(lambda x: x.sum(), x, directions=0)
+    with pytest.raises(ValueError, match="rtol"):
+        kg.check(lambda x: x.sum(), x, rtol=2.0)
+    with pytest.raises(ValueError, match=r"f\(x\) = -inf"):
+        kg.check(lambda x: torch.log(x.abs()).sum(), x)
 
 
 # --------------------------------------------------------------------------------------
@@ -327,3 +331,35 @@ def test_cli_entry_point(cases, capsys):
 
     assert main(["check", f"{cases}:smooth", "--directions", "2"]) == 0
     assert "PASSED" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# soundness: valid gradients never fail, continuous functions never "jump"
+# --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), kinks=st.integers(1, 4), relu_prime=st.sampled_from([0.0, 1.0]))
+def test_a_valid_generalized_gradient_never_fails(seed, kinks, relu_prime):
+    """w . relu(W x + b) at x = 0 with `kinks` zero biases (<= the input dimension,
+    W generic): every sign pattern of the kink units is a piece touching 0, so the
+    Clarke set is {sum_i w_i s_i W_i : s_i in [0, 1] at the kinks} + the rest, and
+    backprop's g (s_i = relu'(0) in {0, 1}) is in it. Any verdict but "failed"."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(6, 5, generator=g, dtype=D)
+    b = torch.randn(6, generator=g, dtype=D)
+    b[:kinks] = 0.0
+    w = torch.randn(6, generator=g, dtype=D)
+    with kg.policy(relu=relu_prime):
+        rep = kg.check(lambda x: (w * torch.relu(W @ x + b)).sum(), x64(*[0.0] * 5), seed=seed)
+    assert rep.verdict != "failed", str(rep)
+    assert rep.kink
+
+
+def test_steep_continuous_functions_are_not_called_discontinuous():
+    for k in (1e3, 1e6, 1e8):
+        rep = kg.check(
+            lambda x, k=k: torch.tanh(k * x).sum() + torch.relu(k * x).sum(), x64(0.0), seed=0
+        )
+        assert rep.decided_by != "discontinuity", (k, str(rep))
+        assert all(d.jump is None for d in rep.directions)
