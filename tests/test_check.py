@@ -301,7 +301,7 @@ def test_cli_user_errors_exit_2_with_one_line(broken, capsys, args, words):
 
 
 def test_cli_case_function(cases, capsys):
-    assert cli([f"{cases}:identity", "--seed", "0", "--directions", "4"]) == 1
+    assert cli([f"{cases}:identity", "--seed", "0"]) == 1
     out = capsys.readouterr().out
     assert "FAILED" in out and "differentiable" in out
     assert cli([f"{cases}:smooth", "--seed", "0"]) == 0
@@ -363,3 +363,15 @@ def test_steep_continuous_functions_are_not_called_discontinuous():
         )
         assert rep.decided_by != "discontinuity", (k, str(rep))
         assert all(d.jump is None for d in rep.directions)
+
+
+def test_too_few_directions_never_fail_on_differentiability():
+    """max(0, min(x1, x2)) at 0 has Clarke set conv{0, e1, e2}; with relu'(0) = 1
+    backprop gives (1/2, 1/2), inside it. A direction with opposite-signed components
+    sees derivative 0 both ways and gradient 0 on both sides: one direction must not
+    "certify" differentiability and fail g."""
+    f = lambda x: torch.relu(torch.minimum(x[0], x[1]))
+    for seed in range(8):
+        with kg.policy(relu=1.0):
+            rep = kg.check(f, x64(0.0, 0.0), directions=1, seed=seed)
+        assert rep.verdict != "failed", str(rep)
