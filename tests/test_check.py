@@ -375,3 +375,18 @@ def test_too_few_directions_never_fail_on_differentiability():
         with kg.policy(relu=1.0):
             rep = kg.check(f, x64(0.0, 0.0), directions=1, seed=seed)
         assert rep.verdict != "failed", str(rep)
+
+
+@pytest.mark.parametrize("n", [6, 12, 100])
+@pytest.mark.parametrize("relu_prime", [0.0, 1.0])
+def test_relu_sum_passes_at_the_vertices_of_its_clarke_cube(n, relu_prime):
+    """relu(x).sum() at 0: Clarke set [0, 1]^n; g = 0 and g = 1 are vertices that a few
+    dozen nearby gradients almost never span (the old check failed them)."""
+    for seed in range(3):
+        with kg.policy(relu=relu_prime):
+            rep = kg.check(
+                lambda x: torch.relu(x).sum(),
+                torch.zeros(n, dtype=D, requires_grad=True),
+                seed=seed,
+            )
+        assert rep.verdict == "passed", str(rep)
