@@ -13,6 +13,7 @@ piecewise-smooth f (a continuous selection of finitely many C^1 functions, which
 composition of catalog ops and smooth torch ops is; Scholtes 2012):
 
 *failed*, only with a certificate:
+  - **non-finite g**: a Clarke generalized gradient is a finite vector.
   - **discontinuity**: along some d, f(x + t d) - f(x) keeps the same size J for t from
     1e-6 to 1e-10 (times the scale of x); a continuous f would need a slope above
     J / (1e-10 scale) along d. A kink or a smooth f shrinks linearly with t.
@@ -117,7 +118,8 @@ class CheckReport:
     """Result of `check`.
 
     **Fields**: `verdict` ("passed", "failed" or "inconclusive"); `decided_by` (the test
-    that decided: "discontinuity", "differentiability", "one variable", "Clarke hull",
+    that decided: "non-finite g", "discontinuity", "differentiability", "one variable",
+    "Clarke hull",
     "Fréchet subgradient", "Fréchet supergradient", or "none"); `reason` (one line);
     `evidence` (further lines); `value` f(x); `grad_norm` |g|; `directions` (one
     `DirectionCheck` each); `differentiable` (certified as above); `clarke_distance`
@@ -383,6 +385,18 @@ class _Check:
 
     # ----------------------------------------------------------------------------------
     def run(self) -> CheckReport:
+        bad = int((~torch.isfinite(self.g)).sum())
+        if bad:  # Clarke gradients are finite vectors (f locally Lipschitz), or none exist
+            return self._report(
+                "failed",
+                "non-finite g",
+                f"g holds {bad} non-finite value(s) (NaN or inf): not a generalized gradient",
+                [
+                    "a Clarke generalized gradient is a finite vector; where f is not locally "
+                    "Lipschitz (sqrt at 0) none exists"
+                ],
+                math.inf,
+            )
         for _ in range(self.n_dirs):
             self._measure(self._random_unit(), "random")
         jumped = [r for r in self.rows if r.jump]

@@ -263,6 +263,13 @@ CASES = [
         "one variable",
     ),
     Case("branch that detaches (f = s)", "branch", _branch_detached, "failed", "differentiability"),
+    Case(
+        "sqrt at 0: g = inf",
+        "composite",
+        lambda: (lambda x: torch.sqrt(x).sum(), zeros(2)),
+        "failed",
+        "non-finite g",
+    ),
     # --- not provable either way: inconclusive
     Case(
         "relu sum, g = -0.01 e1, 50 dims",
