@@ -178,7 +178,7 @@ class CheckReport:
             ]
             t.add_row(
                 str(d.index),
-                d.kind[:3],
+                "rand" if d.kind == "random" else "adv",
                 f"{d.forward:.8g}",
                 f"{-d.backward:.8g}",
                 f"{d.predicted:.8g}",
@@ -480,7 +480,7 @@ class _Check:
         tol = self.rtol * (float(self.g.norm()) + float(a.norm())) + 2 * max(self.sample_err)
         what = (
             f"f is differentiable at x: along all {len(rows)} random directions "
-            f"f'(x; -d) = -f'(x; d) = -<a, d> and the limiting gradients agree (spread "
+            f"f'(x; -d) = -f'(x; d), f'(x; d) = <a, d>, and the limiting gradients agree (spread "
             f"{spread:.2g}), so for a piecewise-smooth f the Clarke set is {{a}}, "
             f"|a| = {float(a.norm()):.6g}"
         )
