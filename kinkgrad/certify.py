@@ -20,19 +20,22 @@ How it runs (the tangent pass only when needed):
    max pooling, ...) tied inputs are ordered by tangent. It then corrects its output
    tangent to that piece's directional derivative (PyTorch's jvp at a kink is a fixed
    choice, e.g. relu's is 0 whatever the tangent), so later kinks see the right tangents.
-3. Where a tangent is exactly zero too (or tied inputs have equal tangents), the kink
-   is *immaterial*: on the piece d enters, the inputs' gradients a_i satisfy
-   <a_i - a_j, d> = 0 (ties) or <c, a> = 0 (an elementwise kink with normal c; a
-   continuous op's one-sided gradients differ by a multiple of c), and for a random d,
-   drawn from a density and independent of the finitely many pieces, that happens only
-   when the difference is zero, with probability one. Every choice at such a kink then
-   gives the same gradient, so it is counted in `.immaterial` and does not stop the
-   result from being certified. When the first direction was given (not random), a
-   random one follows, keeping earlier decisions: the lexicographic rule (Nesterov;
-   Khan & Barton), at most `max_directions` (default `MAX_DIRECTIONS` = 2). A kink
-   whose tangents are not finite (NaN, inf) proves nothing: it is counted in
-   `.unresolved`, keeps PyTorch's value (elementwise) or index order (ties), and the
-   result is not certified.
+3. Where a tangent is exactly zero too (or tied inputs have equal tangents), step 2
+   runs again with a further random direction, keeping earlier decisions: the
+   lexicographic rule (Nesterov; Khan & Barton), at most `max_directions` directions
+   (default `MAX_DIRECTIONS` = 2). What is left is *immaterial*: on the piece entered,
+   the inputs' gradients a_i satisfy <a_i - a_j, d> = 0 (ties) or <c, a> = 0 (an
+   elementwise kink with normal c; a continuous op's one-sided gradients differ by a
+   multiple of c) for every direction d used, and for a random d, drawn from a density
+   independently of the finitely many pieces, that happens only when the difference is
+   zero, with probability one. Every choice at such a kink gives the same gradient, so
+   it is counted in `.immaterial` and the result stays certified (PyTorch's value or
+   index order is kept). In floating point two different tangents can round to the
+   same value (about 2^-p of the time for p mantissa bits: 2^-8 in bfloat16), which is
+   why the second direction still runs: on the study's float16/bfloat16 CNN it
+   separates ties that the first left equal. A kink left undecided with non-finite
+   tangents (NaN, inf), or when every direction was given rather than random, proves
+   nothing: it is counted in `.unresolved` and the result is not certified.
 
 Then reverse mode runs and the hooks read the decisions.
 
@@ -136,8 +139,6 @@ def _tangent_passes(
         summary.directions_used = k + 1
         if not any(e.undecided for e in live):
             break
-        if directions.is_random(k):
-            break  # what a random direction leaves undecided is immaterial (a.s.)
     # Immaterial only once a random direction was used: a given direction can be
     # orthogonal to the difference of two gradients.
     random_used = any(directions.is_random(j) for j in range(summary.directions_used))
@@ -355,8 +356,8 @@ def certified_backward(
     parameter's `.grad` (as `loss.backward()` would) the gradient of the piece that
     params + t d enters, d random over the parameters: lim_{t->0+} grad L(params + t d).
     Steps that meet no kink cost one policy step; a step that meets one pays one extra
-    forward-mode pass (a kink that pass leaves undecided is immaterial). The second pass
-    replays the RNG
+    forward-mode pass (two if a kink stays undecided; then it is immaterial). The
+    second pass replays the RNG
     state (dropout draws the same masks) and runs on copies of the module buffers.
 
     **Arguments**: `loss_fn(model, *batch)` returns a scalar loss; `model` an
