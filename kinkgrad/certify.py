@@ -32,8 +32,7 @@ How it runs (the tangent pass only when needed):
    it is counted in `.immaterial` and the result stays certified (PyTorch's value or
    index order is kept). In floating point two different tangents can round to the
    same value (about 2^-p of the time for p mantissa bits: 2^-8 in bfloat16), which is
-   why the second direction still runs: on the study's float16/bfloat16 CNN it
-   separates ties that the first left equal. A kink left undecided with non-finite
+   why the second direction still runs. A kink left undecided with non-finite
    tangents (NaN, inf), or when every direction was given rather than random, proves
    nothing: it is counted in `.unresolved` and the result is not certified.
 
