@@ -1,88 +1,138 @@
 """First-order check at a point, one that works at kinks: `kinkgrad.check(f, *inputs)`.
 
 `torch.autograd.gradcheck` compares backprop with a central difference and fails at
-every kink (relu at 0: numerical 0.5, analytical 0), so tests avoid kinks. What makes
-backprop useful is the first-order model f(x + t d) ~ f(x) + t <g, d>; at a kink no
-linear model holds in every direction, and the right question becomes whether g is a
-generalized gradient. The check answers both, at the point you give:
+every kink (relu at 0: numerical 0.5, analytical 0). At a kink the right question is
+whether backprop's g is a *Clarke generalized gradient* of f at x. `check` answers
+"passed", "failed" or "inconclusive", each with the test that decided it.
 
-1. along random directions d (and -d), the one-sided derivative f'(x; d) by forward
-   differences with shrinking steps and Richardson extrapolation, in float64, against
-   <g, d> for the gradient g that backprop returns under the active policy;
-2. f is *differentiable* there when f'(x; -d) = -f'(x; d) along every direction (and,
-   when there are fewer variables than directions, the f'(x; d) fit one linear map);
-   then g passes when <g, d> matches f'(x; d) along every direction;
-3. otherwise f sits on a kink, and g passes when it lies in the convex hull of the
-   gradients at nearby differentiable points x +- eps d (eps inside the linearization
-   radius, so each sample is the gradient of a piece touching x): the sampled Clarke
-   subdifferential. The distance is a small non-negative least-squares problem;
-4. along each direction the linearization radius, exact for piecewise-linear f, from
-   one forward-mode pass (`kinkgrad.linearization`).
+Along random unit directions d (and -d) it measures, in float64: the one-sided
+derivative f'(x; d) (forward differences inside the linearization radius, Richardson
+extrapolation), the limiting gradient G(d) = lim_{t->0+} grad f(x + t d) (an element of
+the Clarke set), and the increments f(x + t d) - f(x) over decades of t. Then, for a
+piecewise-smooth f (a continuous selection of finitely many C^1 functions, which every
+composition of catalog ops and smooth torch ops is; Scholtes 2012):
 
-CLI: `kinkgrad check MODULE:FUNCTION` (see `cli`).
+*failed*, only with a certificate:
+  - **non-finite g**: a Clarke generalized gradient is a finite vector.
+  - **discontinuity**: along some d, f(x + t d) - f(x) keeps the same size J for t from
+    1e-6 to 1e-10 (times the scale of x); a continuous f would need a slope above
+    J / (1e-10 scale) along d. A kink or a smooth f shrinks linearly with t.
+  - **differentiability**: along every random direction f'(x; -d) = -f'(x; d), every
+    G(+-d) is the same vector a, and f'(x; d) = <a, d>. The Clarke set of a
+    piecewise-smooth f is the hull of the gradients of its essentially active pieces
+    (Scholtes 2012, Prop. 4.3.1); each such piece is entered by a random direction with
+    the probability of its (open) cone, so with k directions a second piece escapes
+    with probability (1 - p)^k, p its share of directions. The Clarke set is then {a},
+    and a g with |g - a| above tolerance is not a Clarke gradient (at least
+    `MIN_CERTIFYING` = 8 random directions are required to fail on this ground).
+  - **one variable**: f of a single variable has Clarke set [min(D-, D+), max(D-, D+)]
+    (the left and right derivatives, the gradients of the two pieces touching x;
+    Clarke 1983, Thm. 2.5.1); a g outside it fails.
+
+*passed*, when g is shown to be a Clarke element:
+  - it equals a where f is differentiable (above);
+  - it lies in the convex hull of the sampled limiting gradients (each in the Clarke
+    set, which is convex); or
+  - it satisfies the Fréchet subgradient inequalities <g, d> <= f'(x; d) (or the
+    supergradient ones, >=) along every direction tried: a regular sub/supergradient
+    lies in the Clarke set (Rockafellar & Wets 1998, Thm. 8.6 and 8.49). Besides the
+    random directions, "adversarial" ones are tried: d = g - p, p the nearest point of
+    the sampled hull, which separates g from the hull (for a convex f it is where a
+    non-subgradient violates the inequality: Frank-Wolfe / Gilbert's step); the
+    gradients sampled along them join the hull.
+
+*inconclusive* otherwise, with the distance from g to the sampled hull.
+
+Limiting gradients are backprop's gradients at x + t d for t = 1e-6 and 1e-6 / 8 (times
+the scale of x, and within the linearization radius of the catalog ops met), each
+kept only when <G(d), d> matches the finite-difference f'(x; d): a kink of a
+non-catalog op (a Python branch) closer to x than that is not seen.
+
+Tolerances: `rtol` (default 1000 ulps of g's dtype, within [1e-6, 1e-2]) times the
+magnitudes compared, plus the finite differences' own error estimates (Richardson
+agreement and rounding eps |f| / h) and the sampled gradients' (their first-order
+correction).
+
+CLI: `kinkgrad check MODULE:FUNCTION` (`kinkgrad.check_cli`).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
 import io
-import json
 import math
-import os
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
 
-from .certify import _check_inputs, _check_output, _new_seed, linearization
+from ._inputs import _check_inputs, _check_output, _new_seed
+from ._probe import Jump, Point, flat, float64_version, hull_projection
+from .linearize import linearization
 from .policy import STATE
 
-#: Forward-difference steps per one-sided derivative (halving from the first).
-LEVELS = 12
+#: Adversarial directions tried at most (each: two linearizations, ~30 evaluations of
+#: f and four gradients).
+ADVERSARIAL = 8
+#: Random directions the differentiability certificate needs before it fails a g (a
+#: second piece of share p escapes k directions with probability (1 - p)^k).
+MIN_CERTIFYING = 8
+#: Relative size of the random jitter added to an adversarial direction (so that it
+#: sits inside one piece's cone, not on a boundary between pieces).
+JITTER = 1e-3
+
+VERDICTS = ("passed", "failed", "inconclusive")
 
 
 @dataclass(frozen=True)
 class DirectionCheck:
-    """One direction d (unit norm over all inputs): `forward` = f'(x; d) and `backward`
-    = f'(x; -d) (one-sided, float64 finite differences, `fd_error` their error
-    estimate), `predicted` = <g, d>, `error` = |forward - predicted|, `tolerance`, `ok`
-    (the first-order model holds along d), `symmetric` (forward == -backward within
-    tolerance), `radius` / `radius_back` (linearization radius along d / -d)."""
+    """One direction d (unit norm over all inputs; `kind` "random" or "adversarial"):
+    `forward` = f'(x; d), `backward` = f'(x; -d) (one-sided, float64 finite
+    differences, `fd_error` / `fd_error_back` their error estimates), `predicted` =
+    <g, d>, `error` = |forward - predicted|, `tolerance`; `ok` (the first-order model
+    holds along d), `symmetric` (forward = -backward), `subgradient` (<g, +-d> <= f'(x; +-d)),
+    `supergradient` (>=), `radius` / `radius_back` (linearization radius along d / -d),
+    `jump` (a `Jump` certificate along d or -d, else None)."""
 
     index: int
+    kind: str
     forward: float
     backward: float
     predicted: float
     error: float
     tolerance: float
     fd_error: float
+    fd_error_back: float
     ok: bool
     symmetric: bool
+    subgradient: bool
+    supergradient: bool
     radius: float
     radius_back: float
+    jump: Jump | None = None
 
 
 @dataclass(frozen=True, repr=False)
 class CheckReport:
     """Result of `check`.
 
-    **Fields**: `value` f(x); `grad_norm` |g|; `directions` (one `DirectionCheck`
-    each); `differentiable` (one-sided derivatives agree with a linear map); `kink`
-    (= not differentiable); `clarke_distance` (from g to the convex hull of gradients
-    sampled at nearby differentiable points) and `clarke_tolerance`; `kinks_hit`
-    (kink-op elements exactly on a kink at x); `passed`; `reasons` (why, in words);
-    `dtype` (of g) and `fd_dtype` (of the finite differences: "float64", "float64
-    (promoted)" when f's own tensors had to be promoted, or f's dtype when that failed);
-    `samples` (gradients sampled).
+    **Fields**: `verdict` ("passed", "failed" or "inconclusive"); `decided_by` (the test
+    that decided: "non-finite g", "discontinuity", "differentiability", "one variable",
+    "Clarke hull",
+    "Fréchet subgradient", "Fréchet supergradient", or "none"); `reason` (one line);
+    `evidence` (further lines); `value` f(x); `grad_norm` |g|; `directions` (one
+    `DirectionCheck` each); `differentiable` (certified as above); `clarke_distance`
+    (from g to the hull of the sampled limiting gradients) and `clarke_tolerance`;
+    `kinks_hit` (kink-op elements exactly on a kink at x); `dtype` (of g); `fd_dtype`
+    (of the differences: "float64", "float64 (promoted)", or f's dtype); `samples`
+    (limiting gradients sampled). Properties: `passed`, `kink`, `reasons`.
     """
 
+    verdict: str
+    decided_by: str
+    reason: str
+    evidence: tuple[str, ...]
     value: float
     grad_norm: float
     directions: tuple[DirectionCheck, ...]
@@ -90,35 +140,51 @@ class CheckReport:
     clarke_distance: float
     clarke_tolerance: float
     kinks_hit: int
-    passed: bool
-    reasons: tuple[str, ...]
     dtype: str
     fd_dtype: str
     samples: int
+    seed: int = field(default=0)
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "passed"
 
     @property
     def kink(self) -> bool:
         return not self.differentiable
 
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return (self.reason, *self.evidence)
+
     def table(self) -> Any:
         """The per-direction table as a `rich.table.Table`."""
         from rich.table import Table
 
-        t = Table(title="first-order check along random unit directions d", title_justify="left")
-        for col in ("d", "f'(x; d)", "-f'(x; -d)", "<g, d>", "|f'(x;d) - <g,d>|", "tol"):
+        t = Table(
+            title=f"{self.verdict.upper()} (decided by: {self.decided_by}); one-sided "
+            "derivatives along unit directions d",
+            title_justify="left",
+        )
+        for col in ("d", "kind", "f'(x; d)", "-f'(x; -d)", "<g, d>", "tol", "radius d / -d"):
             t.add_column(col, justify="right")
-        t.add_column("radius d / -d", justify="right")
         t.add_column("", justify="left")
         for d in self.directions:
+            flags = [
+                "jump" if d.jump else "",
+                "" if d.symmetric else "kink",
+                "sub" if d.subgradient else "",
+                "super" if d.supergradient else "",
+            ]
             t.add_row(
                 str(d.index),
+                "rand" if d.kind == "random" else "adv",
                 f"{d.forward:.8g}",
                 f"{-d.backward:.8g}",
                 f"{d.predicted:.8g}",
-                f"{d.error:.2e}",
                 f"{d.tolerance:.1e}",
                 f"{_fmt_radius(d.radius)} / {_fmt_radius(d.radius_back)}",
-                ("ok" if d.ok else "off") + ("" if d.symmetric else " kink"),
+                " ".join(s for s in flags if s),
             )
         return t
 
@@ -126,83 +192,30 @@ class CheckReport:
         from rich.console import Console
 
         buf = io.StringIO()
-        console = Console(file=buf, width=110, color_system=None, force_terminal=False)
-        verdict = "PASSED" if self.passed else "FAILED"
+        console = Console(file=buf, width=120, color_system=None, force_terminal=False)
+        console.print(f"kinkgrad check: {self.verdict.upper()}: {self.reason}", highlight=False)
         console.print(
-            f"kinkgrad check: {verdict}  f(x) = {self.value:.10g}, |g| = {self.grad_norm:.6g} "
-            f"(g in {self.dtype}; differences in {self.fd_dtype})"
-        )
-        where = "differentiable" if self.differentiable else "on a kink (not differentiable)"
-        console.print(
-            f"f is {where} at x; kink-op elements exactly on a kink: {self.kinks_hit}; "
-            f"distance from g to the convex hull of {self.samples} nearby gradients: "
-            f"{self.clarke_distance:.3g} (tolerance {self.clarke_tolerance:.1g})"
+            f"f(x) = {self.value:.10g}, |g| = {self.grad_norm:.6g} (g in {self.dtype}; "
+            f"differences in {self.fd_dtype}); kink-op elements exactly on a kink: "
+            f"{self.kinks_hit}; distance from g to the hull of {self.samples} sampled "
+            f"limiting gradients: {self.clarke_distance:.3g} (tolerance "
+            f"{self.clarke_tolerance:.1g}); seed {self.seed}",
+            highlight=False,
         )
         console.print(self.table())
-        for r in self.reasons:
-            console.print(f"- {r}")
+        for r in self.evidence:
+            console.print(f"- {r}", highlight=False)
         return buf.getvalue().rstrip()
 
     def __repr__(self) -> str:
         return (
-            f"CheckReport(passed={self.passed}, differentiable={self.differentiable}, "
+            f"CheckReport(verdict={self.verdict!r}, decided_by={self.decided_by!r}, "
             f"clarke_distance={self.clarke_distance:.3g}, directions={len(self.directions)})"
         )
 
 
 def _fmt_radius(r: float) -> str:
     return "inf" if math.isinf(r) else f"{r:.3g}"
-
-
-# --------------------------------------------------------------------------------------
-# Numerics
-# --------------------------------------------------------------------------------------
-
-
-def _one_sided(
-    phi: Callable[[float], float], f0: float, h0: float, eps: float
-) -> tuple[float, float]:
-    """lim_{h->0+} (phi(h) - f0) / h by forward differences at h0, h0/2, ... and two
-    Richardson steps; returns (estimate, error estimate), choosing where successive
-    extrapolates agree best (a piecewise-linear f gives exact quotients once h is
-    inside the linearization radius)."""
-    hs = [h0 * 0.5**k for k in range(LEVELS)]
-    vals = [phi(h) for h in hs]
-    q = [(v - f0) / h for v, h in zip(vals, hs, strict=True)]
-    r1 = [2 * q[k + 1] - q[k] for k in range(len(q) - 1)]
-    r2 = [(4 * r1[k + 1] - r1[k]) / 3 for k in range(len(r1) - 1)]
-    best = (q[-1], math.inf)
-    for seq, lag in ((q, 0), (r1, 1), (r2, 2)):
-        for k in range(len(seq) - 1):
-            h = hs[k + 1 + lag]
-            noise = 8 * eps * (abs(f0) + max(abs(v) for v in vals)) / h
-            err = abs(seq[k + 1] - seq[k]) + noise
-            if err < best[1]:
-                best = (seq[k + 1], err)
-    return best
-
-
-def _clarke_distance(g: Tensor, samples: Sequence[Tensor]) -> float:
-    """Distance from g to the convex hull of `samples` (all flat float64): minimise
-    |G lambda - g| over the simplex, as a non-negative least-squares problem with the
-    sum-to-one row weighted heavily."""
-    import numpy as np
-    from scipy.optimize import nnls
-
-    G = torch.unique(torch.stack(list(samples)), dim=0).T.numpy()  # [n, k], repeats dropped
-    b = g.numpy()
-    weight = 1e3 * (1.0 + float(np.abs(G).max()) + float(np.abs(b).max()))
-    A = np.vstack([G, weight * np.ones((1, G.shape[1]))])
-    rhs = np.concatenate([b, [weight]])
-    lam, _ = nnls(A, rhs, maxiter=50 * A.shape[1] + 100)
-    if lam.sum() <= 0:
-        return float(min(np.linalg.norm(G[:, j] - b) for j in range(G.shape[1])))
-    lam = lam / lam.sum()
-    return float(np.linalg.norm(G @ lam - b))
-
-
-def _flat(ts: Sequence[Tensor]) -> Tensor:
-    return torch.cat([t.detach().reshape(-1).double() for t in ts])
 
 
 # --------------------------------------------------------------------------------------
@@ -217,378 +230,356 @@ def check(
     seed: int | None = None,
     rtol: float | None = None,
 ) -> CheckReport:
-    """First-order check of backprop's gradient of f at `inputs`, valid at kinks.
+    """Is backprop's gradient of f at `inputs` a Clarke generalized gradient?
 
     **Arguments**: `f` maps the inputs to a one-element floating tensor; `inputs`
     floating tensors with `requires_grad=True` and finite values (the point); the
     gradient g is what backprop returns under the policies active around the call;
-    `directions` random unit directions are tried (default 16); `seed` fixes them;
-    `rtol` the relative tolerance (default: 1e-6, or 1000 ulps of g's dtype if larger).
+    `directions` random unit directions are tried (default 16; up to `ADVERSARIAL`
+    more are chosen from the results); `seed` fixes them; `rtol` the relative
+    tolerance (default: 1000 ulps of g's dtype, within [1e-6, 1e-2]).
 
-    **Returns**: `CheckReport` (`.passed`, `.differentiable`, `.clarke_distance`,
-    `.directions`, `.reasons`; `print(report)` shows a table).
+    **Returns**: `CheckReport` (`.verdict` "passed" / "failed" / "inconclusive",
+    `.passed`, `.reason`, `.decided_by`, `.evidence`, `.directions`;
+    `print(report)` shows a table).
 
     >>> import torch, kinkgrad as kg
-    >>> x = torch.zeros(1, requires_grad=True)
+    >>> x = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     >>> rep = kg.check(lambda x: (torch.relu(x) - torch.relu(-x)).sum(), x, seed=0)
-    >>> rep.passed, rep.differentiable      # f is the identity; backprop says 0
-    (False, True)
+    >>> rep.verdict, rep.decided_by     # f is the identity; backprop says 0
+    ('failed', 'differentiability')
     """
     who = "kinkgrad.check"
     xs = _check_inputs(inputs, who)
+    if not isinstance(directions, int) or isinstance(directions, bool) or directions < 1:
+        raise ValueError(f"{who}: directions must be a positive integer, got {directions!r}")
+    if rtol is not None and not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+        raise ValueError(f"{who}: rtol must be a number in (0, 1), got {rtol!r}")
     saved, STATE.watchers = STATE.watchers, []  # the check's evaluations are not training
     try:
-        return _check(f, xs, directions, seed, rtol, who)
+        return _Check(f, xs, directions, _new_seed(seed), rtol, who).run()
     finally:
         STATE.watchers = saved
 
 
-def _check(
-    f: Callable[..., Tensor],
-    xs: list[Tensor],
-    directions: int,
-    seed: int | None,
-    rtol: float | None,
-    who: str,
-) -> CheckReport:
-    if not isinstance(directions, int) or directions < 1:
-        raise ValueError(f"{who}: directions must be a positive integer, got {directions!r}")
-    out = _check_output(f(*xs), who)
-    value = float(out.detach())
-    if out.requires_grad:
-        raw = torch.autograd.grad(out.reshape(()), xs, allow_unused=True)
-    else:
-        raw = (None,) * len(xs)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(raw, xs, strict=True)]
-    g = _flat(grads)
-    if rtol is None:
-        rtol = max(1e-6, 1000 * torch.finfo(grads[0].dtype).eps)
-
-    # Differences in float64: f as it is, else with every float tensor it touches
-    # promoted (a float32 model), else in the inputs' own dtype.
-    f, fd_name, pts = _float64_version(f, xs, who)
-    fd_dtype = pts[0].dtype
-    fd_eps = torch.finfo(fd_dtype).eps
-
-    def at(h: float, d: Sequence[Tensor]) -> list[Tensor]:
-        return [p + h * di for p, di in zip(pts, d, strict=True)]
-
-    def fval(h: float, d: Sequence[Tensor]) -> float:
-        with torch.no_grad():
-            return float(f(*at(h, d)))
-
-    def grad_at(h: float, d: Sequence[Tensor]) -> Tensor:
-        q = [t.detach().requires_grad_() for t in at(h, d)]
-        o = f(*q)
-        if not o.requires_grad:
-            return torch.zeros_like(g)
-        gs = torch.autograd.grad(o.reshape(()), q, allow_unused=True)
-        return _flat([torch.zeros_like(t) if v is None else v for v, t in zip(gs, q, strict=True)])
-
-    f0 = fval(0.0, [torch.zeros_like(p) for p in pts])
-    scale_x = 1.0 + max(float(p.abs().max()) if p.numel() else 0.0 for p in pts)
-    base = 1e-3 * scale_x
-    gen = torch.Generator().manual_seed(_new_seed(seed))
-    rows: list[DirectionCheck] = []
-    flat_dirs: list[Tensor] = []
-    samples: list[Tensor] = []
-    kinks_hit = 0
-    for i in range(directions):
-        d = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in pts]
-        norm = math.sqrt(sum(float((di**2).sum()) for di in d)) or 1.0
-        d = [(di / norm).to(fd_dtype) for di in d]
-        flat_dirs.append(_flat(d))
-        neg = [-di for di in d]
-        lin = linearization(f, *pts, direction=d)
-        lin_back = linearization(f, *pts, direction=neg)
-        if i == 0:
-            kinks_hit = lin.kinks_hit
-        fwd, e1 = _one_sided(lambda h, d=d: fval(h, d), f0, _first_step(base, lin.radius), fd_eps)
-        bwd, e2 = _one_sided(
-            lambda h, n=neg: fval(h, n), f0, _first_step(base, lin_back.radius), fd_eps
-        )
-        pred = float(
-            sum(float((gi.double() * di.double()).sum()) for gi, di in zip(grads, d, strict=True))
-        )
-        atol = 1e-12 * (1.0 + abs(f0))
-        scale = abs(fwd) + abs(bwd) + float(g.norm())
-        tol = rtol * scale + 10 * e1 + atol
-        sym_tol = max(1e-6, 100 * fd_eps) * (abs(fwd) + abs(bwd)) + 10 * (e1 + e2) + atol
-        err = abs(fwd - pred)
-        rows.append(
-            DirectionCheck(
-                i,
-                fwd,
-                bwd,
-                pred,
-                err,
-                tol,
-                e1,
-                err <= tol,
-                abs(fwd + bwd) <= sym_tol,
-                lin.radius,
-                lin_back.radius,
+class _Check:
+    def __init__(
+        self,
+        f: Callable[..., Tensor],
+        xs: list[Tensor],
+        n_dirs: int,
+        seed: int,
+        rtol: float | None,
+        who: str,
+    ) -> None:
+        out = _check_output(f(*xs), who)
+        self.value = float(out.detach())
+        if not math.isfinite(self.value):
+            raise ValueError(
+                f"{who}: f(x) = {self.value} at the point given; a derivative needs a finite "
+                "value there"
             )
-        )
-        eps = 1e-7 * scale_x
-        samples.append(grad_at(min(eps, 0.5 * lin.radius), d))
-        samples.append(grad_at(min(eps, 0.5 * lin_back.radius), neg))
-
-    differentiable = all(r.symmetric for r in rows) and _linear(rows, flat_dirs)
-    dist = _clarke_distance(g, samples)
-    gmax = max(float(s.norm()) for s in samples) if samples else 0.0
-    ctol = rtol * (float(g.norm()) + gmax) + 1e-12 + math.sqrt(fd_eps) * 1e-3 * gmax
-    reasons, passed = _verdict(rows, differentiable, dist, ctol)
-    return CheckReport(
-        value,
-        float(g.norm()),
-        tuple(rows),
-        differentiable,
-        dist,
-        ctol,
-        kinks_hit,
-        passed,
-        tuple(reasons),
-        str(grads[0].dtype).replace("torch.", ""),
-        fd_name,
-        len(samples),
-    )
-
-
-class _Float64(TorchFunctionMode):
-    """Runs torch calls in float64: floating tensor arguments of lower precision (a
-    float32 model's parameters) are promoted first. In-place methods and conversions
-    are left alone."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if not (name.endswith("_") or name in _KEEP):
-            args, kwargs = tree_map(_to64, (args, kwargs))
-        return func(*args, **kwargs)
-
-
-_KEEP = {"__get__", "__set__", "__setitem__", "to", "type", "float", "half", "bfloat16"}
-
-
-def _to64(v: Any) -> Any:
-    if isinstance(v, Tensor) and v.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return v.to(torch.float64)
-    return v
-
-
-def _float64_version(
-    f: Callable[..., Tensor], xs: Sequence[Tensor], who: str
-) -> tuple[Callable[..., Tensor], str, list[Tensor]]:
-    pts = [x.detach().to(torch.float64) for x in xs]
-
-    def promoted(*args: Tensor) -> Tensor:
-        with _Float64():
-            return f(*args)
-
-    for candidate, name in ((f, "float64"), (promoted, "float64 (promoted)")):
-        try:
-            with torch.no_grad():
-                out = _check_output(candidate(*pts), who)
-            if out.dtype == torch.float64:
-                return candidate, name, pts
-        except (RuntimeError, TypeError):
-            pass
-    return f, str(xs[0].dtype).replace("torch.", ""), [x.detach() for x in xs]
-
-
-def _first_step(base: float, radius: float) -> float:
-    # Inside the linearization radius the quotients of a piecewise-linear f are exact.
-    if math.isfinite(radius) and radius > 0:
-        return max(min(base, 0.5 * radius), 1e-9 * base)
-    return base
-
-
-def _linear(rows: Sequence[DirectionCheck], dirs: Sequence[Tensor]) -> bool:
-    """With fewer variables than directions, the one-sided derivatives must also fit
-    one linear map (a function odd along every line can still be nonlinear)."""
-    n = dirs[0].numel() if dirs else 0
-    if n == 0 or n >= len(rows):
-        return True
-    A = torch.stack(list(dirs))  # [k, n]
-    b = torch.tensor([r.forward for r in rows], dtype=torch.float64)
-    a = torch.linalg.lstsq(A, b.unsqueeze(1)).solution.squeeze(1)
-    res = (A @ a - b).abs()
-    tol = torch.tensor([r.tolerance for r in rows], dtype=torch.float64)
-    return bool((res <= tol + 1e-9 * b.abs().max()).all())
-
-
-def _verdict(
-    rows: Sequence[DirectionCheck], differentiable: bool, dist: float, ctol: float
-) -> tuple[list[str], bool]:
-    bad = [r for r in rows if not r.ok]
-    asym = [r for r in rows if not r.symmetric]
-    reasons: list[str] = []
-    if differentiable:
-        if not bad:
-            reasons.append(
-                f"f is differentiable here and <g, d> matches the one-sided derivative "
-                f"along all {len(rows)} directions: the first-order model holds"
-            )
-            return reasons, True
-        worst = max(bad, key=lambda r: r.error / max(r.tolerance, 1e-300))
-        reasons.append(
-            f"f is differentiable here (f'(x; -d) = -f'(x; d) along all {len(rows)} "
-            f"directions), but backprop's gradient disagrees with its directional "
-            f"derivatives along {len(bad)} of them; worst, direction {worst.index}: "
-            f"f'(x; d) = {worst.forward:.6g}, <g, d> = {worst.predicted:.6g}"
-        )
-        reasons.append(
-            f"g is not the gradient: its distance to the gradients sampled nearby is "
-            f"{dist:.3g}. A fixed choice at a kink (PyTorch's, or the active policy's) "
-            f"left the generalized gradient; kinkgrad.certified_grad returns one"
-        )
-        return reasons, False
-    first = asym[0] if asym else rows[0]
-    kink = (
-        f"f sits on a kink: one-sided derivatives differ along {len(asym)} of "
-        f"{len(rows)} directions (e.g. direction {first.index}: f'(x; d) = "
-        f"{first.forward:.6g}, -f'(x; -d) = {-first.backward:.6g})"
-    )
-    reasons.append(kink)
-    if dist <= ctol:
-        reasons.append(
-            f"g lies in the sampled Clarke subdifferential (distance {dist:.2g} to the "
-            f"convex hull of nearby gradients): a valid generalized gradient"
-        )
-        return reasons, True
-    reasons.append(
-        f"g is at distance {dist:.3g} (tolerance {ctol:.1g}) from the convex hull of the "
-        f"gradients sampled nearby: not a Clarke generalized gradient"
-    )
-    return reasons, False
-
-
-# --------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------
-
-_CLI_HELP = """\
-Check backprop's gradient of FUNCTION at a point (first-order model, kinks, Clarke).
-
-Two ways to give the point:
-  * no --at/--shape: FUNCTION() takes no arguments and returns (f, inputs), inputs a
-    tensor or a tuple of tensors;
-  * --at / --shape, once per input: FUNCTION is f itself; --at takes a JSON number or
-    nested list ('[0, 1.5, -2]'), --shape a comma-separated shape ('3,4') filled with
-    standard normal values from --seed.
-MODULE is a dotted module name (importable from the current directory) or a path to a
-.py file. Exit status: 0 passed, 1 failed, 2 bad arguments.
-
-examples:
-  kinkgrad check mypkg.cases:relu_identity
-  kinkgrad check cases.py:f --at '[0.0]' --policy relu=0.5
-"""
-
-
-def _load(target: str) -> Callable[..., Any]:
-    if ":" not in target:
-        raise ValueError(f"expected MODULE:FUNCTION, got {target!r}")
-    mod_name, fn_name = target.rsplit(":", 1)
-    if mod_name.endswith(".py") or os.sep in mod_name:
-        path = os.path.abspath(mod_name)
-        if not os.path.exists(path):
-            raise ValueError(f"no such file: {mod_name}")
-        name = "_kinkgrad_check_" + os.path.splitext(os.path.basename(path))[0]
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        module = importlib.import_module(mod_name)
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ValueError(f"{mod_name} has no callable {fn_name!r}")
-    return fn
-
-
-def _policy_values(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--policy expects OP=VALUE (e.g. relu=1.0), got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            value: Any = float(raw)
-        except ValueError:
-            value = raw
-        out[key.strip()] = value
-    return out
-
-
-def _cli_inputs(args: argparse.Namespace, fn: Callable[..., Any]) -> tuple[Callable, list[Tensor]]:
-    dtype = getattr(torch, args.dtype)
-    if args.at or args.shape:
-        gen = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
-        inputs = [torch.tensor(json.loads(a), dtype=dtype) for a in args.at]
-        for s in args.shape:
-            shape = tuple(int(v) for v in s.split(",") if v.strip())
-            inputs.append(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype))
-        return fn, [x.requires_grad_() for x in inputs]
-    try:
-        made = fn()
-    except TypeError as e:
-        raise ValueError(
-            f"FUNCTION() failed ({e}); if FUNCTION is f itself, give the point with --at or --shape"
-        ) from None
-    if not (isinstance(made, tuple) and made and callable(made[0])):
-        raise ValueError(
-            f"with no --at/--shape, FUNCTION() must return (f, inputs); got {type(made).__name__}"
-        )
-    f, rest = made[0], made[1:]
-    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
-        rest = tuple(rest[0])
-    inputs = []
-    for x in rest:
-        if not isinstance(x, Tensor):
-            raise ValueError(f"inputs must be tensors, got {type(x).__name__}")
-        inputs.append(x if x.requires_grad else x.detach().clone().requires_grad_())
-    return f, inputs
-
-
-def cli(argv: list[str]) -> int:
-    """`kinkgrad check MODULE:FUNCTION [--at JSON]... [--shape S]... [options]`."""
-    parser = argparse.ArgumentParser(
-        prog="kinkgrad check",
-        description=_CLI_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("target", metavar="MODULE:FUNCTION")
-    parser.add_argument("--at", action="append", default=[], help="one input as JSON")
-    parser.add_argument("--shape", action="append", default=[], help="one random input")
-    parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    parser.add_argument("--directions", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--policy", action="append", default=[], help="OP=VALUE (or default=VALUE)")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    try:
-        pol = _policy_values(args.policy)
-        fn = _load(args.target)
-        f, inputs = _cli_inputs(args, fn)
-    except (ValueError, ImportError, json.JSONDecodeError) as e:
-        print(f"kinkgrad check: {e}", file=sys.stderr)
-        return 2
-    from .policy import policy
-
-    try:
-        if pol:
-            default = pol.pop("default", None)
-            with policy(default, **pol):
-                report = check(f, *inputs, directions=args.directions, seed=args.seed)
+        if out.requires_grad:
+            try:
+                raw = torch.autograd.grad(out.reshape(()), xs, allow_unused=True)
+            except RuntimeError as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise RuntimeError(
+                    f"{who}: backprop through f failed ({msg}); an op without a "
+                    "derivative can be given one with kinkgrad.policy"
+                ) from None
         else:
-            report = check(f, *inputs, directions=args.directions, seed=args.seed)
-    except (ValueError, TypeError) as e:
-        print(f"kinkgrad check: {e}", file=sys.stderr)
-        return 2
-    print(report)
-    return 0 if report.passed else 1
+            raw = (None,) * len(xs)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(raw, xs, strict=True)]
+        self.g = flat(grads)
+        self.dtype = str(grads[0].dtype).replace("torch.", "")
+        # 1000 ulps of g's dtype (rounding accumulated through the backward pass), at
+        # least 1e-6 (float64 differences), at most 1e-2 (1000 ulps of float16 would be
+        # ~1: anything would pass)
+        ulps = 1000 * torch.finfo(grads[0].dtype).eps
+        self.rtol = rtol if rtol is not None else min(max(1e-6, ulps), 1e-2)
+        self.f64, self.fd_name, pts = float64_version(f, xs, who)
+        self.pt = Point(self.f64, pts)
+        self.pts = pts
+        self.n_dirs, self.seed = n_dirs, seed
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rows: list[DirectionCheck] = []
+        self.dirs: list[Tensor] = []  # flat unit direction of each row
+        self.rejected = 0  # sampled gradients inconsistent with the differences
+        self.samples: list[Tensor] = []
+        self.sample_err: list[float] = []
+        self.kinks_hit = 0
+
+    # ----------------------------------------------------------------------------------
+    def _unflat(self, v: Tensor) -> list[Tensor]:
+        out, i = [], 0
+        for p in self.pts:
+            out.append(v[i : i + p.numel()].reshape(p.shape).to(p.dtype))
+            i += p.numel()
+        return out
+
+    def _random_unit(self) -> Tensor:
+        v = torch.randn(int(self.g.numel()), generator=self.gen, dtype=torch.float64)
+        return v / (v.norm() or 1.0)
+
+    def _measure(self, dflat: Tensor, kind: str) -> DirectionCheck:
+        pt = self.pt
+        d = self._unflat(dflat)
+        neg = [-di for di in d]
+        lin = linearization(self.f64, *self.pts, direction=d)
+        lin_back = linearization(self.f64, *self.pts, direction=neg)
+        if not self.rows:
+            self.kinks_hit = lin.kinks_hit
+        jump = pt.jump(d) or pt.jump(neg)
+        fwd, e1 = pt.one_sided(d, lin.radius)
+        bwd, e2 = pt.one_sided(neg, lin_back.radius)
+        pred = float(self.g @ dflat)
+        base = self.rtol * (abs(fwd) + abs(bwd) + float(self.g.norm()))
+        tol_f, tol_b = base + 10 * e1, base + 10 * e2
+        sym = abs(fwd + bwd) <= self.rtol * (abs(fwd) + abs(bwd)) + 10 * (e1 + e2)
+        row = DirectionCheck(
+            index=len(self.rows),
+            kind=kind,
+            forward=fwd,
+            backward=bwd,
+            predicted=pred,
+            error=abs(fwd - pred),
+            tolerance=tol_f,
+            fd_error=e1,
+            fd_error_back=e2,
+            ok=abs(fwd - pred) <= tol_f,
+            symmetric=sym,
+            subgradient=pred <= fwd + tol_f and -pred <= bwd + tol_b,
+            supergradient=pred >= fwd - tol_f and -pred >= bwd - tol_b,
+            radius=lin.radius,
+            radius_back=lin_back.radius,
+            jump=jump,
+        )
+        self.rows.append(row)
+        self.dirs.append(dflat)
+        for dd, r, deriv, tol, sign in (
+            (d, lin.radius, fwd, tol_f, 1.0),
+            (neg, lin_back.radius, bwd, tol_b, -1.0),
+        ):
+            s, err = pt.limit_grad(dd, r)
+            # On the piece x + t d enters, f'(x; d) = <G(d), d>: a sampled gradient that
+            # disagrees with the differences is not trusted (backprop wrong off the kink,
+            # or the sample crossed an unseen branch) and stays out of the hull.
+            if abs(sign * float(s @ dflat) - deriv) <= tol + err:
+                self.samples.append(s)
+                self.sample_err.append(err)
+            else:
+                self.rejected += 1
+        return row
+
+    def _hull_tolerance(self) -> float:
+        if not self.samples:
+            return 0.0
+        gmax = max(float(s.norm()) for s in self.samples)
+        return self.rtol * (float(self.g.norm()) + gmax) + max(self.sample_err)
+
+    def _hull(self) -> tuple[float, Tensor | None]:
+        if not self.samples:
+            return math.inf, None
+        return hull_projection(self.g, self.samples)
+
+    # ----------------------------------------------------------------------------------
+    def run(self) -> CheckReport:
+        bad = int((~torch.isfinite(self.g)).sum())
+        if bad:  # Clarke gradients are finite vectors (f locally Lipschitz), or none exist
+            return self._report(
+                "failed",
+                "non-finite g",
+                f"g holds {bad} non-finite value(s) (NaN or inf): not a generalized gradient",
+                [
+                    "a Clarke generalized gradient is a finite vector; where f is not locally "
+                    "Lipschitz (sqrt at 0) none exists"
+                ],
+                math.inf,
+            )
+        for _ in range(self.n_dirs):
+            self._measure(self._random_unit(), "random")
+        jumped = [r for r in self.rows if r.jump]
+        if jumped:
+            return self._jump(jumped[0])
+        diff = self._differentiable()
+        if diff is not None:
+            return diff
+        dist, p = self._hull()
+        for _ in range(ADVERSARIAL):
+            if dist <= self._hull_tolerance():
+                break
+            if p is None:  # no trusted sample: a random direction instead
+                d = self._random_unit()
+            else:
+                d = (self.g - p) / dist + JITTER * self._random_unit()
+            row = self._measure(d / d.norm(), "adversarial")
+            if row.jump:
+                return self._jump(row)
+            dist, p = self._hull()
+        return self._verdict(dist)
+
+    def _report(
+        self, verdict: str, by: str, reason: str, evidence: Sequence[str], dist: float
+    ) -> CheckReport:
+        return CheckReport(
+            verdict,
+            by,
+            reason,
+            tuple(evidence),
+            self.value,
+            float(self.g.norm()),
+            tuple(self.rows),
+            by == "differentiability",
+            dist,
+            self._hull_tolerance(),
+            self.kinks_hit,
+            self.dtype,
+            self.fd_name,
+            len(self.samples),
+            self.seed,
+        )
+
+    def _jump(self, row: DirectionCheck) -> CheckReport:
+        j = row.jump
+        assert j is not None
+        incs = ", ".join(f"{t:.0e}: {v:.3g}" for t, v in zip(j.steps, j.increments, strict=True))
+        dist, _ = self._hull()
+        return self._report(
+            "failed",
+            "discontinuity",
+            f"f is discontinuous at x along direction {row.index} (jump of about "
+            f"{abs(j.size):.3g})",
+            [
+                f"f(x + t d) - f(x) for t = {incs} (along d or -d): it keeps its size as "
+                f"t shrinks, where a kink or a smooth f shrinks linearly; a continuous f "
+                f"would need a slope above {j.slope_bound:.3g} along d",
+                "no generalized gradient exists at a discontinuity",
+            ],
+            dist,
+        )
+
+    def _differentiable(self) -> CheckReport | None:
+        """The differentiability certificate (module docstring), or None."""
+        rows, samples = self.rows, self.samples
+        if not samples or not all(r.symmetric for r in rows):
+            return None
+        a = samples[0]
+        spread = max(float((s - a).norm()) for s in samples)
+        amax = max(float(s.norm()) for s in samples)
+        tol_s = self.rtol * 2 * amax + 2 * max(self.sample_err)
+        if spread > tol_s:
+            return None
+        for r in rows:
+            fit = float(a @ self._row_dir(r))
+            # a carries its sampling error (|d| = 1), the differences theirs
+            tol_fit = self.rtol * (abs(r.forward) + float(a.norm())) + 10 * r.fd_error
+            if abs(r.forward - fit) > tol_fit + 2 * max(self.sample_err):
+                return None
+        gap = float((self.g - a).norm())
+        tol = self.rtol * (float(self.g.norm()) + float(a.norm())) + 2 * max(self.sample_err)
+        what = (
+            f"f is differentiable at x: along all {len(rows)} random directions "
+            f"f'(x; -d) = -f'(x; d), f'(x; d) = <a, d>, and the limiting gradients agree (spread "
+            f"{spread:.2g}), so for a piecewise-smooth f the Clarke set is {{a}}, "
+            f"|a| = {float(a.norm()):.6g}"
+        )
+        if gap > tol and len(rows) < MIN_CERTIFYING:
+            return None  # too few directions to fail anything on this ground
+        if gap <= tol:  # g = a, a limiting gradient: in the Clarke set in any case
+            return self._report(
+                "passed",
+                "differentiability",
+                f"g is the gradient of f, which is differentiable at x (|g - a| = {gap:.2g})",
+                [what],
+                gap,
+            )
+        worst = max(rows, key=lambda r: r.error)
+        return self._report(
+            "failed",
+            "differentiability",
+            f"g is not the gradient: |g - a| = {gap:.3g} (tolerance {tol:.1g}) where f is "
+            f"differentiable at x",
+            [
+                what,
+                f"worst direction {worst.index}: f'(x; d) = {worst.forward:.6g}, "
+                f"<g, d> = {worst.predicted:.6g}",
+                "a fixed choice at a kink (PyTorch's, or the active policy's) left the "
+                "generalized gradient; kinkgrad.certified_grad returns one",
+            ],
+            gap,
+        )
+
+    def _row_dir(self, r: DirectionCheck) -> Tensor:
+        return self.dirs[r.index]
+
+    def _verdict(self, dist: float) -> CheckReport:
+        rows = self.rows
+        ctol = self._hull_tolerance()
+        n_adv = sum(r.kind == "adversarial" for r in rows)
+        tried = (
+            f"tried {len(rows)} directions ({len(rows) - n_adv} random, {n_adv} "
+            f"adversarial) and {len(self.samples)} limiting gradients ({self.rejected} "
+            f"more disagreed with the differences and were dropped); f sits on a kink "
+            f"({sum(not r.symmetric for r in rows)} directions with f'(x; -d) != -f'(x; d))"
+        )
+        if dist <= ctol:
+            return self._report(
+                "passed",
+                "Clarke hull",
+                f"g lies in the convex hull of the limiting gradients sampled at x "
+                f"(distance {dist:.2g}, tolerance {ctol:.1g}): a Clarke generalized gradient",
+                [tried],
+                dist,
+            )
+        for kind, ok in (("sub", "subgradient"), ("super", "supergradient")):
+            # Adversarial directions come from trusted samples; with backprop wrong
+            # near x (rejected samples) the inequalities were only tried at random.
+            if not self.rejected and all(getattr(r, ok) for r in rows):
+                rel = "<=" if kind == "sub" else ">="
+                return self._report(
+                    "passed",
+                    f"Fréchet {ok}",
+                    f"g is a regular {ok}: <g, d> {rel} f'(x; d) along all {2 * len(rows)} "
+                    f"directions +-d tried, and a regular {ok} lies in the Clarke set",
+                    [tried, f"distance from g to the sampled hull: {dist:.3g}"],
+                    dist,
+                )
+        if self.g.numel() == 1:
+            verdict = self._one_variable(dist)
+            if verdict is not None:
+                return verdict
+        return self._report(
+            "inconclusive",
+            "none",
+            f"g is at distance {dist:.3g} (tolerance {ctol:.1g}) from the hull of the "
+            f"sampled limiting gradients and no certificate decides",
+            [
+                tried,
+                f"neither a regular subgradient ({sum(not r.subgradient for r in rows)} "
+                f"directions violate <g, d> <= f'(x; d)) nor a regular supergradient "
+                f"({sum(not r.supergradient for r in rows)} violate >=)",
+            ],
+            dist,
+        )
+
+    def _one_variable(self, dist: float) -> CheckReport | None:
+        r = self.rows[0]
+        s = float(self._row_dir(r)[0])  # +1 or -1
+        right, left = (r.forward, -r.backward) if s > 0 else (r.backward, -r.forward)
+        lo, hi = min(left, right), max(left, right)
+        g = float(self.g[0])
+        tol = self.rtol * (abs(g) + abs(lo) + abs(hi)) + 10 * max(r.fd_error, r.fd_error_back)
+        if lo - tol <= g <= hi + tol:
+            return None
+        return self._report(
+            "failed",
+            "one variable",
+            f"g = {g:.6g} is outside the Clarke set [{lo:.6g}, {hi:.6g}] of f at x",
+            [
+                "f has one variable: its Clarke set is the interval between the left and "
+                f"right derivatives (D- = {left:.6g}, D+ = {right:.6g}) for a "
+                "piecewise-smooth f"
+            ],
+            dist,
+        )

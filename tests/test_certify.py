@@ -488,15 +488,38 @@ def test_zero_tangent_is_resolved_by_a_further_direction():
     assert [g.item() for g in r.grads] == [g.item() for g in ref]
 
 
-def test_structurally_undecided_kinks_are_counted():
+def test_structurally_undecided_kinks_are_immaterial():
+    """relu(x - x) and maximum(x, x): the tangents agree along every direction, so every
+    choice gives the same gradient; counted as immaterial, certified."""
     x = t64(0.0, 1.0)
     r = kg.certified_grad(lambda x: torch.relu(x - x).sum() + torch.maximum(x, x).sum(), x, seed=0)
-    assert r.unresolved == 4 and r.kinks_hit == 4 and not r.certified
-    assert r.directions_used == kg.certify.MAX_DIRECTIONS
-    assert "undecided" in str(r)
-    r1 = kg.certified_grad(lambda x: torch.relu(x - x).sum(), x, seed=0, max_directions=1)
-    assert r1.directions_used == 1 and r1.unresolved == 2
+    assert r.immaterial == 4 and r.unresolved == 0 and r.kinks_hit == 4 and r.certified
+    assert r.directions_used == kg.certify.MAX_DIRECTIONS  # the second one separates none
+    assert "immaterial" in str(r)
+    assert r.by_op["maximum"] == {"hits": 2, "unresolved": 0, "immaterial": 2}
     assert torch.equal(r.grad, torch.ones(2, dtype=D))  # either piece gives the same
+
+
+def test_a_given_direction_proves_nothing_about_immaterial_kinks():
+    """With a given first direction (not random) a random one follows; with
+    max_directions=1 what the given direction leaves undecided is unresolved."""
+    x = t64(0.0, 1.0)
+    one = torch.ones(2, dtype=D)
+    f = lambda x: torch.relu(x - x).sum()
+    r = kg.certified_grad(f, x, seed=0, direction=one)
+    assert r.directions_used == 2 and r.immaterial == 2 and r.certified
+    r1 = kg.certified_grad(f, x, seed=0, direction=one, max_directions=1)
+    assert r1.directions_used == 1 and r1.unresolved == 2 and r1.immaterial == 0
+    assert not r1.certified and "undecided" in str(r1)
+
+
+def test_nan_tangents_leave_kinks_unresolved():
+    """A kink whose input tangent is NaN proves nothing: unresolved, not certified."""
+    x = t64(0.0, 1.0)
+    # sqrt(x)'s tangent at 0 is inf; times 0 gives NaN on relu's input at the kink
+    f = lambda x: torch.relu(torch.sqrt(x) * 0.0).sum()
+    r = kg.certified_grad(f, x, seed=0)
+    assert r.unresolved >= 1 and not r.certified
 
 
 # --------------------------------------------------------------------------------------

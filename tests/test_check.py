@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kinkgrad as kg
-from kinkgrad.check import cli
+from kinkgrad.check_cli import cli
 
 D = torch.float64
 
@@ -93,13 +93,15 @@ def test_relu_identity_fails_under_the_default_policy_and_says_why():
     assert rep.differentiable  # relu(x) - relu(-x) is x
     assert rep.clarke_distance == pytest.approx(1.0)
     text = " ".join(rep.reasons)
-    assert "differentiable" in text and "disagrees" in text and "not the gradient" in text
+    assert rep.verdict == "failed" and rep.decided_by == "differentiability"
+    assert "differentiable" in text and "not the gradient" in text
     assert all(
         d.forward == pytest.approx(d.predicted + (1 if d.forward > 0 else -1))
         for d in rep.directions
     )
     out = str(rep)
     assert "FAILED" in out and "f'(x; d)" in out and "<g, d>" in out
+    assert "decided by: differentiability" in out
 
 
 def test_relu_identity_passes_with_relu_prime_one_half():
@@ -122,9 +124,10 @@ def test_kink_with_a_gradient_outside_the_clarke_set_fails():
     # (inside). Leave it through a non-Clarke value instead: leaky_relu slope outside.
     f = lambda x: (x.abs() + 4 * (torch.maximum(x, torch.zeros_like(x)) - torch.relu(x))).sum()
     rep = kg.check(f, x64(0.0), seed=2)
-    assert rep.kink and not rep.passed  # plain gives 0 + 4 * 0.5 = 2, Clarke set [-1, 1]
+    assert rep.kink and rep.verdict == "failed"  # plain gives 0 + 4 * 0.5 = 2; Clarke [-1, 1]
+    assert rep.decided_by == "one variable"
     assert rep.clarke_distance == pytest.approx(1.0, abs=1e-6)
-    assert "not a Clarke generalized gradient" in " ".join(rep.reasons)
+    assert "outside the Clarke set [-1, 1]" in rep.reason
 
 
 def test_maximum_minus_relu_fails():
@@ -178,6 +181,10 @@ def test_errors():
         kg.check(lambda x: x.sum(), torch.tensor([float("nan")], requires_grad=True))
     with pytest.raises(ValueError, match="directions"):
         kg.check(lambda x: x.sum(), x, directions=0)
+    with pytest.raises(ValueError, match="rtol"):
+        kg.check(lambda x: x.sum(), x, rtol=2.0)
+    with pytest.raises(ValueError, match=r"f\(x\) = -inf"):
+        kg.check(lambda x: torch.log(x.abs()).sum(), x)
 
 
 # --------------------------------------------------------------------------------------
@@ -211,8 +218,90 @@ def cases(tmp_path):
     return path
 
 
+def test_cli_exit_status_says_the_verdict(cases, tmp_path, capsys):
+    """0 passed, 1 failed, 3 inconclusive; the table names the deciding test."""
+    path = tmp_path / "verdicts.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            def jump(x):
+                return torch.sign(x).sum()
+
+            def unprovable(x):  # g = 2 per coordinate, Clarke set [0, 1]^n: undecidable
+                z = torch.zeros_like(x)
+                return (torch.relu(x) + 4 * (torch.maximum(x, z) - torch.relu(x))).sum()
+            """
+        )
+    )
+    assert cli([f"{path}:jump", "--at", "[0.0]", "--seed", "0"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "decided by: discontinuity" in out and "jump of about 1" in out
+    assert cli([f"{path}:unprovable", "--at", "[0, 0, 0, 0]", "--seed", "0"]) == 3
+    out = capsys.readouterr().out
+    assert "INCONCLUSIVE" in out and "distance" in out
+
+
+@pytest.fixture
+def broken(tmp_path):
+    (tmp_path / "syntax_err.py").write_text("def f(x):\n    return (x\n")
+    (tmp_path / "import_err.py").write_text("import no_such_module_kg_xyz\n")
+    (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('boom at import')\n")
+    (tmp_path / "fns.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            def raises(x):
+                raise ZeroDivisionError("user bug")
+
+            def heaviside(x):
+                return torch.heaviside(x, torch.tensor(0.5, dtype=x.dtype)).sum() + x.sum()
+
+            def case_raises():
+                raise KeyError("missing")
+
+            def f(x):
+                return x.sum()
+            """
+        )
+    )
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["{d}/fns.py:raises", "--at", "[0.0]"], "ZeroDivisionError: user bug"),
+        (["{d}/fns.py:case_raises"], "KeyError"),
+        (["{d}/syntax_err.py:f", "--at", "[0.0]"], "syntax error"),
+        (["{d}/import_err.py:f", "--at", "[0.0]"], "ModuleNotFoundError"),
+        (["{d}/raises_on_import.py:f", "--at", "[0.0]"], "boom at import"),
+        (["{d}/fns.py:f", "--at", '"abc"'], "--at"),
+        (["{d}/fns.py:f", "--at", "[nan]"], "--at"),
+        (["{d}/fns.py:f", "--at", "[NaN]"], "finite"),
+        (["{d}/fns.py:f", "--at", "[[1, 2], [3]]"], "rectangular"),
+        (["{d}/fns.py:f", "--at", "[true]"], "--at"),
+        (["{d}/fns.py:f", "--shape", "-1"], "--shape"),
+        (["{d}/fns.py:f", "--shape", "100000,100000"], "at most"),
+        (["{d}/fns.py:f", "--shape", "a,b"], "--shape"),
+        (["{d}/fns.py:f", "--at", "[0.0]", "--directions", "0"], "--directions"),
+        (["{d}/fns.py:heaviside", "--at", "[0.0, 1.0]"], "heaviside"),
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_line(broken, capsys, args, words):
+    assert cli([a.format(d=broken) for a in args]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert captured.out == ""
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("kinkgrad check: ") and "Traceback" not in err
+    assert words in err
+
+
 def test_cli_case_function(cases, capsys):
-    assert cli([f"{cases}:identity", "--seed", "0", "--directions", "4"]) == 1
+    assert cli([f"{cases}:identity", "--seed", "0"]) == 1
     out = capsys.readouterr().out
     assert "FAILED" in out and "differentiable" in out
     assert cli([f"{cases}:smooth", "--seed", "0"]) == 0
@@ -242,3 +331,62 @@ def test_cli_entry_point(cases, capsys):
 
     assert main(["check", f"{cases}:smooth", "--directions", "2"]) == 0
     assert "PASSED" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# soundness: valid gradients never fail, continuous functions never "jump"
+# --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), kinks=st.integers(1, 4), relu_prime=st.sampled_from([0.0, 1.0]))
+def test_a_valid_generalized_gradient_never_fails(seed, kinks, relu_prime):
+    """w . relu(W x + b) at x = 0 with `kinks` zero biases (<= the input dimension,
+    W generic): every sign pattern of the kink units is a piece touching 0, so the
+    Clarke set is {sum_i w_i s_i W_i : s_i in [0, 1] at the kinks} + the rest, and
+    backprop's g (s_i = relu'(0) in {0, 1}) is in it. Any verdict but "failed"."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(6, 5, generator=g, dtype=D)
+    b = torch.randn(6, generator=g, dtype=D)
+    b[:kinks] = 0.0
+    w = torch.randn(6, generator=g, dtype=D)
+    with kg.policy(relu=relu_prime):
+        rep = kg.check(lambda x: (w * torch.relu(W @ x + b)).sum(), x64(*[0.0] * 5), seed=seed)
+    assert rep.verdict != "failed", str(rep)
+    assert rep.kink
+
+
+def test_steep_continuous_functions_are_not_called_discontinuous():
+    for k in (1e3, 1e6, 1e8):
+        rep = kg.check(
+            lambda x, k=k: torch.tanh(k * x).sum() + torch.relu(k * x).sum(), x64(0.0), seed=0
+        )
+        assert rep.decided_by != "discontinuity", (k, str(rep))
+        assert all(d.jump is None for d in rep.directions)
+
+
+def test_too_few_directions_never_fail_on_differentiability():
+    """max(0, min(x1, x2)) at 0 has Clarke set conv{0, e1, e2}; with relu'(0) = 1
+    backprop gives (1/2, 1/2), inside it. A direction with opposite-signed components
+    sees derivative 0 both ways and gradient 0 on both sides: one direction must not
+    "certify" differentiability and fail g."""
+    f = lambda x: torch.relu(torch.minimum(x[0], x[1]))
+    for seed in range(8):
+        with kg.policy(relu=1.0):
+            rep = kg.check(f, x64(0.0, 0.0), directions=1, seed=seed)
+        assert rep.verdict != "failed", str(rep)
+
+
+@pytest.mark.parametrize("n", [6, 12, 100])
+@pytest.mark.parametrize("relu_prime", [0.0, 1.0])
+def test_relu_sum_passes_at_the_vertices_of_its_clarke_cube(n, relu_prime):
+    """relu(x).sum() at 0: Clarke set [0, 1]^n; g = 0 and g = 1 are vertices that a few
+    dozen nearby gradients almost never span (the old check failed them)."""
+    for seed in range(3):
+        with kg.policy(relu=relu_prime):
+            rep = kg.check(
+                lambda x: torch.relu(x).sum(),
+                torch.zeros(n, dtype=D, requires_grad=True),
+                seed=seed,
+            )
+        assert rep.verdict == "passed", str(rep)

@@ -203,30 +203,35 @@ def test_off_the_kinks_the_certified_run_is_the_reference_run(digits):
     assert rec["final"]["test_acc"][name] == rec["final"]["test_acc"]["ref"]
 
 
-def test_a_cnn_step_with_undecided_ties_is_counted_not_certified(digits):
+def test_cnn_steps_with_immaterial_ties_are_certified(digits):
+    """Max-pool windows over the blank background tie with equal tangents (their inputs
+    do not move along either direction): immaterial, so every step of the float64 CNN
+    is certified."""
     cfg = tiny(models=["cnn"], epochs=1)
     rec = train.run_config(cfg, RunKey("cnn", "float64", "fused", False, 0), digits)
     _, c = certified(rec)
-    # max-pool windows over the blank background: ties whose inputs do not move
-    assert c["uncertified_unresolved"] == c["uncertified_steps"] > 0
+    assert c["certified_steps"] == rec["steps"] and c["uncertified_steps"] == 0
+    assert c["immaterial"] > 0 and c["unresolved"] == 0
     assert c["uncertified_jumps"] == 0 and c["jumps_hit"] == 0
-    assert c["by_op"]["max_pool2d"]["unresolved"] > 0
-    assert c["certified_steps"] + c["uncertified_steps"] == rec["steps"]
+    assert c["tangent_passes"] == 2 * rec["steps"]  # each step met a tie; two directions
     assert {"relu", "max_pool2d"} >= set(c["crossings_by_op"]) and c["crossings"] > 0
 
 
 def test_reasons_for_no_certification_are_counted_separately():
     stats = train._CertStats(every=1)
     step = {"kinks_hit": 0, "unresolved": 0, "jumps_hit": 0, "tangent_passes": 0, "by_op": {}}
+    step["immaterial"] = 0
     stats.add_step(step)
     stats.add_step({**step, "kinks_hit": 3, "tangent_passes": 1, "by_op": {"relu": (3, 0)}})
+    stats.add_step({**step, "kinks_hit": 5, "immaterial": 5, "by_op": {"max_pool2d": (5, 0)}})
     stats.add_step({**step, "jumps_hit": 2, "tangent_passes": 1, "by_op": {"sign": (2, 0)}})
     stats.add_step({**step, "kinks_hit": 4, "unresolved": 1, "by_op": {"max": (4, 1)}})
     stats.add_step({**step, "kinks_hit": 1, "unresolved": 1, "jumps_hit": 1, "by_op": {}})
     ep = stats.end_epoch()
-    assert (ep["steps"], ep["certified_steps"], ep["uncertified_steps"]) == (5, 2, 3)
+    assert (ep["steps"], ep["certified_steps"], ep["uncertified_steps"]) == (6, 3, 3)
+    assert ep["immaterial"] == 5
     assert (ep["uncertified_jumps"], ep["uncertified_unresolved"]) == (2, 2)
-    assert (ep["kinks_hit"], ep["unresolved"], ep["jumps_hit"]) == (8, 2, 3)
+    assert (ep["kinks_hit"], ep["unresolved"], ep["jumps_hit"]) == (13, 2, 3)
     assert ep["by_op"]["max"] == {"hits": 4, "unresolved": 1}
     assert ep["measured_steps"] == 0 and ep["radius_median"] is None
 
@@ -317,7 +322,7 @@ def test_report_csv_and_plot(tmp_path):
     assert "**Does an SGD step stay within the linear region?**" in opening
     assert "Steps that cross no kink: none of the 4 measured" in opening
     assert "Kinks crossed per step, mean: MLP float64" in opening and "CNN float64" in opening
-    assert "Certification: MLP all 2 steps certified; CNN 0 of 2 " in opening
+    assert "Certification: MLP all 2 steps certified; CNN all 2 steps certified" in opening
     assert "seed 0 of every configuration" in opening
     assert "## Certified gradients and the kinks an SGD step crosses" in md
     assert "2 of 4 configurations" in md  # the subset is said

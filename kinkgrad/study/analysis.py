@@ -190,6 +190,7 @@ def certified_cell(records: list[Record], name: str) -> dict[str, Any]:
         "unresolved",
         "jumps_hit",
         "tangent_passes",
+        "immaterial",
         "measured_steps",
         "crossings",
         "crossing_steps",

@@ -97,7 +97,7 @@ class _CertStats:
     """A certified run's per-step numbers: certification (every step) and kink crossings
     of its SGD step (every `every`-th step)."""
 
-    COUNTS = ("kinks_hit", "unresolved", "jumps_hit", "tangent_passes")
+    COUNTS = ("kinks_hit", "unresolved", "jumps_hit", "tangent_passes", "immaterial")
 
     def __init__(self, every: int) -> None:
         self.every = every
@@ -530,6 +530,7 @@ def _cert_counts(res: Any, world: int, device: torch.device) -> dict[str, Any]:
         "unresolved": res.unresolved,
         "jumps_hit": res.jumps_hit,
         "tangent_passes": res.directions_used,
+        "immaterial": res.immaterial,
     }
     by_op = {op: (v["hits"], v["unresolved"]) for op, v in res.by_op.items()}
     if world > 1:
