@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from .config import (
     BIAS_MODES,
     DATASETS,
@@ -36,6 +38,15 @@ class Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated
+
+
+def _say(console: Any, word: str, problem: Any) -> None:
+    """One line on stderr (never wrapped; brackets in the text kept as they are)."""
+    console.print(
+        f"[bold red]kinkgrad study: {word}:[/] {escape(str(problem))}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _list(cast=str):
@@ -201,7 +212,7 @@ def cli(argv: list[str] | None = None) -> int:
         if not args.report_only:
             usable_out(out)
     except ConfigError as e:
-        err.print(f"[bold red]kinkgrad study: error:[/] {e}", highlight=False)
+        _say(err, "error", e)
         return EXIT_CONFIG
     os.environ["KINKGRAD_STUDY_COMMAND"] = " ".join(["kinkgrad study", *argv])
 
@@ -233,6 +244,8 @@ def usable_out(out: Path) -> None:
     import errno
     import tempfile
 
+    from . import results
+
     resolved = out.resolve()
     if resolved.parts[1:2] in (("proc",), ("sys",)):
         raise ConfigError(f"--out: {str(out)!r} is in /{resolved.parts[1]}, not a place for files")
@@ -250,6 +263,13 @@ def usable_out(out: Path) -> None:
             errno.EEXIST: "a file of that name exists",
         }.get(e.errno, e.strerror or str(e))
         raise ConfigError(f"--out: cannot write to {str(out)!r}: {why}") from None
+    for name in (results.RESULTS, results.MANIFEST, results.LOCK):
+        path = resolved / name
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            raise ConfigError(
+                f"--out: {str(out / name)!r} is not a regular file; move it away or use "
+                "another --out"
+            )
 
 
 def _lead(cfg, out: Path, args, console, err) -> int:
@@ -268,8 +288,10 @@ def _lead(cfg, out: Path, args, console, err) -> int:
         TimeRemainingColumn,
     )
 
-    log = lambda msg: err.print(msg, highlight=False)
-    warn = lambda msg: err.print(f"[yellow]warning:[/] {msg}", highlight=False)
+    log = lambda msg: err.print(escape(msg), highlight=False)
+    warn = lambda msg: err.print(
+        f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True
+    )
     grid = cfg.grid()
     start = time.perf_counter()
     progress = Progress(
@@ -304,13 +326,13 @@ def _lead(cfg, out: Path, args, console, err) -> int:
                 on_resume=on_resume,
             )
     except results.LockedError as e:
-        err.print(f"[bold red]kinkgrad study: refused:[/] {e}", highlight=False)
+        _say(err, "refused", e)
         return EXIT_LOCKED
     except ConfigError as e:
-        err.print(f"[bold red]kinkgrad study: error:[/] {e}", highlight=False)
+        _say(err, "error", e)
         return EXIT_CONFIG
     except OSError as e:  # e.g. the disk filled up: say so in one line; rerun resumes
-        err.print(f"[bold red]kinkgrad study: error:[/] {e}", highlight=False)
+        _say(err, "error", e)
         return EXIT_FAILED
     except KeyboardInterrupt as e:
         _install(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
@@ -352,22 +374,24 @@ def _report_only(out: Path, cfg, console, err) -> int:
             manifest = results.read_manifest(out)
             store = results.ResultStore(out)
             for w in store.load(rerun=False):
-                err.print(f"[yellow]warning:[/] {w}", highlight=False)
+                err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
             done = store.done(manifest.get("settings_hash")) if manifest else {}
             if not done:
-                err.print(f"[bold red]kinkgrad study: error:[/] no results in {out}")
+                err.print(
+                    f"[bold red]kinkgrad study: error:[/] no results in {out}", soft_wrap=True
+                )
                 return EXIT_CONFIG
             records = [done[k.id] for k in cfg.grid() if k.id in done] or list(done.values())
             store.write_csv(records)
             paths = report.write(out, records, manifest)
     except (FileNotFoundError, NotADirectoryError):
-        err.print(f"[bold red]kinkgrad study: error:[/] no results in {out}")
+        err.print(f"[bold red]kinkgrad study: error:[/] no results in {out}", soft_wrap=True)
         return EXIT_CONFIG
     except ConfigError as e:
-        err.print(f"[bold red]kinkgrad study: error:[/] {e}", highlight=False)
+        _say(err, "error", e)
         return EXIT_CONFIG
     except results.LockedError as e:
-        err.print(f"[bold red]kinkgrad study: refused:[/] {e}", highlight=False)
+        _say(err, "refused", e)
         return EXIT_LOCKED
     console.print(f"report: {paths[0]}  {paths[1]}")
     return 0
@@ -429,7 +453,7 @@ def summary_table(records: list[dict[str, Any]], console) -> None:
                     f"{pct(c['certified_share'], 0)} of steps certified"
                 )
         if parts:
-            console.print(f"Certified run: {'; '.join(parts)}.", highlight=False)
+            console.print(f"Certified run: {'; '.join(parts)}.", highlight=False, soft_wrap=True)
 
 
 def _world() -> int:
