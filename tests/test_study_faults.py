@@ -267,8 +267,28 @@ def test_ray_executor_without_ray_names_the_extra(tmp_path, capsys, monkeypatch)
     one_line_error(capsys, code, "pip install 'kinkgrad[ray]'")
 
 
-def test_sigterm_handler_raises_a_keyboard_interrupt_subclass():
-    # The end-to-end test (test_study_e2e) sends a real SIGTERM to a running study.
-    with pytest.raises(KeyboardInterrupt):
-        study_cli._on_sigterm(15, None)
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, capsys, monkeypatch):
+    # A real SIGTERM to this process after the first configuration is saved; the
+    # end-to-end test (test_study_e2e, slow) does it to a study with worker processes.
+    import os
+    import signal
+
+    real = runner.run_study
+
+    def term_after_first(cfg, out, **kw):
+        def progress(rec):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        return real(cfg, out, **{**kw, "progress": progress})
+
+    monkeypatch.setattr(runner, "run_study", term_after_first)
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    code = cli([*FLAGS, "--seeds", "0,1", "--out", str(out)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 143, err
+    assert "terminated (SIGTERM): 1 of 2 configurations are saved" in err
+    assert "run the same command again" in err and "Traceback" not in err
+    assert not (out / results.LOCK).exists() and len(lines(out)) == 1
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
     assert study_cli.EXIT_TERMINATED == 143
