@@ -292,3 +292,26 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, capsys, monkeypatch):
     assert not (out / results.LOCK).exists() and len(lines(out)) == 1
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
     assert study_cli.EXIT_TERMINATED == 143
+
+
+def test_ray_address_nobody_listens_on_is_one_line_exit_2(tmp_path, capsys):
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nobody listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = cli(
+        [
+            *FLAGS,
+            "--executor",
+            "ray",
+            "--ray-address",
+            f"127.0.0.1:{port}",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"--ray-address '127.0.0.1:{port}': no Ray head answers there" in err

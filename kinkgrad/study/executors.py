@@ -120,6 +120,7 @@ class RayExecutor:
         if not ray.is_initialized():
             kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if self.address:
+                _reachable(self.address)
                 kw["address"] = self.address
             else:
                 kw["num_cpus"] = self.num_cpus
@@ -158,6 +159,22 @@ class RayExecutor:
             for ref in pending:
                 ray.cancel(ref, force=True)
             raise
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a HOST:PORT nobody listens on (Ray itself retries for minutes)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if address in ("auto", "local") or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ExecutorError(
+            f"--ray-address {address!r}: no Ray head answers there ({e.strerror or e}); "
+            "start one with `ray start --head`"
+        ) from None
 
 
 def make(kind: str, jobs: int, address: str | None = None) -> Serial | ProcessPool | RayExecutor:
