@@ -156,13 +156,16 @@ TINY_ARGS += ["--train-size", "256", "--test-size", "32", "--extra-policies", "n
 
 @pytest.mark.slow  # two spawned workers, then a rerun: ~15 s idle; test_study_faults has
 # the fast in-process SIGTERM test
-def test_sigterm_saves_releases_the_lock_stops_workers_and_exits_143(tmp_path):
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_sigterm_saves_releases_the_lock_stops_workers_and_exits_143(tmp_path, executor):
+    if executor == "ray":
+        pytest.importorskip("ray")  # ray.init takes SIGTERM over; the study takes it back
     out = tmp_path / "termed"
     args = [sys.executable, "-m", "kinkgrad.study", *TINY_ARGS, "--seeds", "0,1"]
     args += ["--precisions", "float32,float16", "--out", str(out)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(
-        [*args, "--jobs", "2"],
+        [*args, "--jobs", "2", "--executor", executor],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing as mp
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -124,6 +125,9 @@ class RayExecutor:
                 kw["address"] = self.address
             else:
                 kw["num_cpus"] = self.num_cpus
+            # ray.init takes SIGTERM over (sys.exit, then an abort in its C++ core);
+            # the study's own handler (save, stop the workers, exit 143) is put back.
+            term = signal.getsignal(signal.SIGTERM)
             try:
                 ray.init(**kw)
             except (ConnectionError, ValueError, RuntimeError) as e:
@@ -132,6 +136,9 @@ class RayExecutor:
                     if self.address
                     else f"cannot start a local Ray: {e}"
                 ) from None
+            finally:
+                if term is not None and threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGTERM, term)
             self._started = True
         self.workers = int(ray.cluster_resources().get("CPU", 1))
         return self
