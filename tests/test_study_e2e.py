@@ -128,3 +128,97 @@ def test_torchrun_data_parallel_two_cpu_ranks(tmp_path):
         assert got["elements"] == d["elements"] and got["sites"] == d["sites"], layer
     assert rec["steps"] == single["steps"]
     assert (out / "report.md").exists()
+
+
+def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and path.read_text().count("\n") >= n:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"no {n} results in {path} after {timeout} s")
+
+
+def _group_gone(pgid: int, timeout: float = 10) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+TINY_ARGS = ["--models", "mlp", "--bias", "fused", "--batchnorm", "off", "--epochs", "1"]
+TINY_ARGS += ["--train-size", "256", "--test-size", "32", "--extra-policies", "none"]
+
+
+@pytest.mark.slow  # two spawned workers, then a rerun: ~15 s idle; test_study_faults has
+# the fast in-process SIGTERM test
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_sigterm_saves_releases_the_lock_stops_workers_and_exits_143(tmp_path, executor):
+    if executor == "ray":
+        pytest.importorskip("ray")  # ray.init takes SIGTERM over; the study takes it back
+    out = tmp_path / "termed"
+    args = [sys.executable, "-m", "kinkgrad.study", *TINY_ARGS, "--seeds", "0,1"]
+    args += ["--precisions", "float32,float16", "--out", str(out)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [*args, "--jobs", "2", "--executor", executor],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the workers can be counted
+    )
+    try:
+        _wait_for_lines(out / results.RESULTS, 1, proc)
+        os.kill(proc.pid, signal.SIGTERM)  # the study alone, as `kill PID` does
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    said = " ".join(err.split())
+    assert "terminated (SIGTERM)" in said and "run the same command again" in said
+    assert not (out / results.LOCK).exists()
+    assert _group_gone(proc.pid)  # no orphaned workers left behind
+    saved = records(out)
+    assert 1 <= len(saved) < 4
+    p = run([*args, "--jobs", "1"])  # and the rerun resumes (jobs: not a setting)
+    assert p.returncode == 0, p.stderr
+    assert "resuming" in p.stderr and len(records(out)) == 4
+
+
+@pytest.mark.slow  # a local Ray starts in ~10 s, twice
+def test_ray_driver_kill_9_then_resume_gives_the_local_numbers(tmp_path):
+    pytest.importorskip("ray")
+    out, local = tmp_path / "ray", tmp_path / "local"
+    base = [sys.executable, "-m", "kinkgrad.study", *TINY_ARGS, "--seeds", "0,1,2"]
+    args = [*base, "--executor", "ray", "--jobs", "2", "--out", str(out)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_lines(out / results.RESULTS, 1, proc, timeout=120)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # Ray's own processes of the killed driver
+    assert (out / results.LOCK).exists()  # stale, taken over by the rerun
+    p = run(args, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "stale lock" in p.stderr and "resuming" in p.stderr
+    q = run([*base, "--jobs", "1", "--out", str(local)])
+    assert q.returncode == 0, q.stderr[-3000:]
+    by_id = lambda d: {r["id"]: strip(r) for r in records(d)}
+    assert by_id(out) == by_id(local) and len(by_id(out)) == 12

@@ -136,6 +136,42 @@ def sign_test(lower: int, higher: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def holm(pvalues: list[float], family: int | None = None) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the order given.
+
+    `family` is the number of tests made (precisions x models x measures), when only
+    some of them are listed: the missing ones count as p = 1, which is conservative.
+    A claim holds at level alpha when its adjusted p-value is below alpha; the family's
+    chance of any false claim is then at most alpha.
+
+    >>> [round(p, 3) for p in holm([0.01, 0.04, 0.03])]
+    [0.03, 0.06, 0.06]
+    """
+    m = max(len(pvalues), family or 0)
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    out = [1.0] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def compare_word(a: float, b: float, resolution: float = 0.005) -> str:
+    """How mean |change| `a` compares with `b` in words: "more than" only when `a` is
+    over twice `b` *and* above `resolution` (what the report prints as 0.00); both at
+    or below it (0 vs 0 included) is "as little as", never a ratio of zeros."""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return "(not measured) compared with"
+    if a <= resolution and b <= resolution:
+        return "as little as"
+    if a > 2 * b:
+        return "more than"
+    if b > 2 * a:
+        return "less than"
+    return "about as much as"
+
+
 #: Machine epsilon per precision: a relative gradient change within a few dozen of
 #: these is a rounding-level difference (the same terms summed in another order).
 EPS = {"float64": 2.22e-16, "float32": 1.19e-7, "bfloat16": 7.81e-3, "float16": 9.77e-4}

@@ -1,21 +1,52 @@
 """`kinkgrad study` / `python -m kinkgrad.study`: argument parsing, progress, summary.
 
-Exit status: 0 done; 1 a run failed; 2 bad settings (nothing was trained);
-3 the run directory is in use by another study; 130 interrupted (rerun to resume).
+Exit status: 0 done; 1 a run failed; 2 bad settings or an unusable run directory
+(nothing was trained); 3 the run directory is in use by another study; 130 interrupted
+by Ctrl-C, 143 by SIGTERM (rerun to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .config import BIAS_MODES, DATASETS, DEVICES, MODELS, OPTIMIZERS, PRECISIONS, ConfigError
+from rich.markup import escape
 
-EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED, EXIT_INTERRUPTED = 1, 2, 3, 130
+from .config import (
+    BIAS_MODES,
+    DATASETS,
+    DEVICES,
+    EXECUTORS,
+    MODELS,
+    OPTIMIZERS,
+    PRECISIONS,
+    ConfigError,
+)
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so it unwinds like Ctrl-C: the results are
+    saved, the workers stopped and the lock removed on the way out."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def _say(console: Any, word: str, problem: Any) -> None:
+    """One line on stderr (never wrapped; brackets in the text kept as they are)."""
+    console.print(
+        f"[bold red]kinkgrad study: {word}:[/] {escape(str(problem))}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _list(cast=str):
@@ -117,6 +148,17 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help=f"{' or '.join(DEVICES)} (default: cpu)")
     g.add_argument("--jobs", type=int, help="worker processes (default: one per CPU core)")
     g.add_argument(
+        "--executor",
+        help=f"{' or '.join(EXECUTORS)}: where configurations run; ray: each one a Ray task "
+        "(pip install 'kinkgrad[ray]'; default: local)",
+    )
+    g.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join the Ray cluster at ADDR (e.g. auto, or HEAD:6379) instead of starting "
+        "a local Ray with --jobs CPUs",
+    )
+    g.add_argument(
         "--overwrite",
         action="store_true",
         help="discard the results already in --out and start again",
@@ -130,7 +172,7 @@ def parser() -> argparse.ArgumentParser:
 FLAG_FIELDS = (
     "models precisions bias batchnorm seeds kinks ties extra_policies extra_seeds "
     "crossings_every noise_floor data epochs batch_size width channels train_size test_size "
-    "optimizer lr momentum device jobs"
+    "optimizer lr momentum device jobs executor ray_address"
 ).split()
 
 
@@ -164,13 +206,18 @@ def cli(argv: list[str] | None = None) -> int:
 
     try:
         cfg = build(settings_from(args), quick=args.quick)
+        if args.out is not None and not args.out.strip():
+            raise ConfigError("--out: the directory name is empty; give a directory")
+        out = Path(args.out or f"runs/study-{cfg.data}{'-quick' if cfg.quick else ''}")
+        if not args.report_only:
+            usable_out(out)
     except ConfigError as e:
-        err.print(f"[bold red]kinkgrad study: error:[/] {e}", highlight=False)
+        _say(err, "error", e)
         return EXIT_CONFIG
-    out = Path(args.out or f"runs/study-{cfg.data}{'-quick' if cfg.quick else ''}")
     os.environ["KINKGRAD_STUDY_COMMAND"] = " ".join(["kinkgrad study", *argv])
 
     dist_rank = _init_distributed(cfg)
+    previous = _install(signal.SIGTERM, _on_sigterm)
     try:
         if dist_rank > 0:
             from .runner import follow_study
@@ -178,7 +225,51 @@ def cli(argv: list[str] | None = None) -> int:
             return follow_study(cfg)
         return _lead(cfg, out, args, out_console, err)
     finally:
+        _install(signal.SIGTERM, previous)
         _end_distributed()
+
+
+def _install(signum: int, handler: Any) -> Any:
+    """Set a signal handler where that is possible (the main thread); return the old one."""
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signum, handler)
+
+
+def usable_out(out: Path) -> None:
+    """Raise ConfigError unless `out` is (or can be made) a directory this process can
+    write: not a file, not under a file, not read-only, not in /proc or /sys."""
+    import errno
+    import tempfile
+
+    from . import results
+
+    resolved = out.resolve()
+    if resolved.parts[1:2] in (("proc",), ("sys",)):
+        raise ConfigError(f"--out: {str(out)!r} is in /{resolved.parts[1]}, not a place for files")
+    if resolved.exists() and not resolved.is_dir():
+        raise ConfigError(f"--out: {str(out)!r} is a file, not a directory")
+    try:
+        resolved.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=resolved):
+            pass
+    except OSError as e:
+        why = {
+            errno.ENOTDIR: "a file stands where a directory of the path belongs",
+            errno.EROFS: "it is on a read-only file system",
+            errno.EACCES: "permission denied",
+            errno.EEXIST: "a file of that name exists",
+        }.get(e.errno, e.strerror or str(e))
+        raise ConfigError(f"--out: cannot write to {str(out)!r}: {why}") from None
+    for name in (results.RESULTS, results.MANIFEST, results.LOCK):
+        path = resolved / name
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            raise ConfigError(
+                f"--out: {str(out / name)!r} is not a regular file; move it away or use "
+                "another --out"
+            )
 
 
 def _lead(cfg, out: Path, args, console, err) -> int:
@@ -197,8 +288,10 @@ def _lead(cfg, out: Path, args, console, err) -> int:
         TimeRemainingColumn,
     )
 
-    log = lambda msg: err.print(msg, highlight=False)
-    warn = lambda msg: err.print(f"[yellow]warning:[/] {msg}", highlight=False)
+    log = lambda msg: err.print(escape(msg), highlight=False)
+    warn = lambda msg: err.print(
+        f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True
+    )
     grid = cfg.grid()
     start = time.perf_counter()
     progress = Progress(
@@ -233,21 +326,26 @@ def _lead(cfg, out: Path, args, console, err) -> int:
                 on_resume=on_resume,
             )
     except results.LockedError as e:
-        err.print(f"[bold red]kinkgrad study: refused:[/] {e}", highlight=False)
+        _say(err, "refused", e)
         return EXIT_LOCKED
     except ConfigError as e:
-        err.print(f"[bold red]kinkgrad study: error:[/] {e}", highlight=False)
+        _say(err, "error", e)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
+    except OSError as e:  # e.g. the disk filled up: say so in one line; rerun resumes
+        _say(err, "error", e)
+        return EXIT_FAILED
+    except KeyboardInterrupt as e:
+        _install(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
         saved = results.ResultStore(out)
-        saved.load()
+        saved.load(rerun=False)
         n = len(saved.done(cfg.settings_hash(_world())))
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         err.print(
-            f"\n[bold yellow]interrupted:[/] {n} of {len(grid)} configurations are saved in "
+            f"\n[bold yellow]{what}:[/] {n} of {len(grid)} configurations are saved in "
             f"{out}; run the same command again to finish the rest",
             highlight=False,
         )
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
     train_s = time.perf_counter() - start
     t0 = time.perf_counter()
     manifest["wall_seconds"] = round(train_s, 2)
@@ -275,20 +373,25 @@ def _report_only(out: Path, cfg, console, err) -> int:
         with results.lock(out):
             manifest = results.read_manifest(out)
             store = results.ResultStore(out)
-            for w in store.load():
-                err.print(f"[yellow]warning:[/] {w}", highlight=False)
-            done = store.done(manifest["settings_hash"]) if manifest else {}
+            for w in store.load(rerun=False):
+                err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+            done = store.done(manifest.get("settings_hash")) if manifest else {}
             if not done:
-                err.print(f"[bold red]kinkgrad study: error:[/] no results in {out}")
+                err.print(
+                    f"[bold red]kinkgrad study: error:[/] no results in {out}", soft_wrap=True
+                )
                 return EXIT_CONFIG
             records = [done[k.id] for k in cfg.grid() if k.id in done] or list(done.values())
             store.write_csv(records)
             paths = report.write(out, records, manifest)
-    except FileNotFoundError:
-        err.print(f"[bold red]kinkgrad study: error:[/] no results in {out}")
+    except (FileNotFoundError, NotADirectoryError):
+        err.print(f"[bold red]kinkgrad study: error:[/] no results in {out}", soft_wrap=True)
+        return EXIT_CONFIG
+    except ConfigError as e:
+        _say(err, "error", e)
         return EXIT_CONFIG
     except results.LockedError as e:
-        err.print(f"[bold red]kinkgrad study: refused:[/] {e}", highlight=False)
+        _say(err, "refused", e)
         return EXIT_LOCKED
     console.print(f"report: {paths[0]}  {paths[1]}")
     return 0
@@ -350,7 +453,7 @@ def summary_table(records: list[dict[str, Any]], console) -> None:
                     f"{pct(c['certified_share'], 0)} of steps certified"
                 )
         if parts:
-            console.print(f"Certified run: {'; '.join(parts)}.", highlight=False)
+            console.print(f"Certified run: {'; '.join(parts)}.", highlight=False, soft_wrap=True)
 
 
 def _world() -> int:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +29,14 @@ BIAS_MODES = ("fused", "separate")
 DATASETS = ("digits", "mnist1d")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("cpu", "cuda")
+EXECUTORS = ("local", "ray")
 #: Bumped when the meaning of a result record changes; part of `settings_hash`.
 FORMAT = 1
+#: Seeds seed `torch.Generator`s (with offsets): beyond 32 bits they would overflow.
+MAX_SEED = 2**32 - 1
+#: Upper bounds that keep a mistyped size from allocating until the machine gives up
+#: (an MLP of width 8192 already holds about 2e8 weights over its runs).
+MAX_SIZE = {"width": 8192, "channels": 1024, "batch_size": 1_000_000, "epochs": 100_000}
 
 #: Grid axes: field -> allowed values (None: any, checked separately).
 AXES = {
@@ -104,6 +112,8 @@ class StudyConfig:
     device: str = "cpu"
     # --- execution (not part of the results' identity) ---
     jobs: int = 0  # 0: one per CPU core on cpu, 1 on cuda
+    executor: str = "local"  # or "ray": each configuration a Ray task
+    ray_address: str = ""  # "": start a local Ray; else join this cluster
     quick: bool = False
 
     # ----------------------------------------------------------------------------------
@@ -164,6 +174,7 @@ class StudyConfig:
     # ----------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ConfigError naming the setting, the value and what is allowed."""
+        self._validate_types()
         for name, allowed in AXES.items():
             values = getattr(self, name)
             if not values:
@@ -178,25 +189,62 @@ class StudyConfig:
         for s in self.seeds:
             if isinstance(s, bool) or not isinstance(s, int) or s < 0:
                 raise ConfigError(f"seeds: {s!r} is not a non-negative integer")
+            if s > MAX_SEED:
+                raise ConfigError(f"seeds: {s} is too large; allowed: integers 0 to {MAX_SEED}")
         _one_of("data", self.data, DATASETS)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("device", self.device, DEVICES)
+        _one_of("executor", self.executor, EXECUTORS)
+        if self.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise ConfigError("executor: 'ray' needs the ray package: pip install 'kinkgrad[ray]'")
+        if self.ray_address and self.executor != "ray":
+            raise ConfigError(
+                f"ray_address: {self.ray_address!r} is given but executor is "
+                f"{self.executor!r}; add --executor ray"
+            )
         for name, lo in (("epochs", 1), ("batch_size", 1), ("width", 1), ("channels", 1)):
             _int_at_least(name, getattr(self, name), lo)
+        for name, hi in MAX_SIZE.items():
+            if getattr(self, name) > hi:
+                raise ConfigError(f"{name}: {getattr(self, name)} is too large; allowed: 1 to {hi}")
         for name in ("train_size", "test_size", "jobs", "crossings_every", "extra_seeds"):
             _int_at_least(name, getattr(self, name), 0)
         for name in ("lr", "momentum"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                raise ConfigError(f"{name}: expected a non-negative number, got {v!r}")
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not v >= 0
+                or not math.isfinite(v)
+            ):
+                raise ConfigError(f"{name}: expected a finite non-negative number, got {v!r}")
         if self.momentum >= 1:
             raise ConfigError(f"momentum: expected a number in [0, 1), got {self.momentum!r}")
         self._validate_policies()
+        if self.data == "mnist1d" and importlib.util.find_spec("mnist1d") is None:
+            raise ConfigError(
+                "data: 'mnist1d' needs the mnist1d package: pip install 'kinkgrad[mnist1d]'"
+            )
         if self.device == "cuda":
             import torch
 
             if not torch.cuda.is_available():
                 raise ConfigError("device: 'cuda' requested but torch.cuda.is_available() is False")
+
+    def _validate_types(self) -> None:
+        """Every value has the type its setting needs (a TOML file can hold anything)."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in _ITEM_TYPES:
+                want, what = _ITEM_TYPES[f.name]
+                bad = [x for x in v if isinstance(x, bool) != (want is bool)]
+                bad += [x for x in v if not isinstance(x, want)]
+                if bad:
+                    raise ConfigError(f"{f.name}: {bad[0]!r} is not {what}; got {list(v)!r}")
+            elif f.type in ("bool",) and not isinstance(v, bool):
+                raise ConfigError(f"{f.name}: expected true or false, got {v!r}")
+            elif f.type == "str" and not isinstance(v, str):
+                raise ConfigError(f"{f.name}: expected a string, got {v!r}")
 
     def _validate_policies(self) -> None:
         from ..policy import make_frame
@@ -231,6 +279,19 @@ class StudyConfig:
             )
 
 
+#: Grid and policy lists: the type of each item (bool only where it is bool).
+_ITEM_TYPES: dict[str, tuple[Any, str]] = {
+    "models": (str, "a model name"),
+    "precisions": (str, "a precision name"),
+    "bias": (str, "a bias mode"),
+    "batchnorm": (bool, "on/off (true or false)"),
+    "seeds": (int, "an integer"),
+    "kinks": ((int, float, str), "a number or an alias (left, mid, right)"),
+    "ties": (str, "a tie rule name"),
+    "extra_policies": (str, "a policy name"),
+}
+
+
 def _jsonable(v: Any) -> Any:
     return v if isinstance(v, str) else float(v)
 
@@ -262,7 +323,9 @@ def build(overrides: dict[str, Any], quick: bool = False) -> StudyConfig:
     """A StudyConfig from defaults, then `QUICK` if asked, then `overrides`."""
     values: dict[str, Any] = dict(QUICK) if quick else {}
     values.update(overrides)
-    quick = bool(values.pop("quick", quick))
+    quick = values.pop("quick", quick)
+    if not isinstance(quick, bool):
+        raise ConfigError(f"quick: expected true or false, got {quick!r}")
     unknown = sorted(set(values) - _FIELDS)
     if unknown:
         import difflib
@@ -302,7 +365,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"--config: no such file {str(p)!r}") from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise ConfigError(f"--config: {str(p)!r} is a directory, not a TOML file") from None
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {str(p)!r}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {str(p)!r}: not valid TOML: {e}") from None
     if "study" in data and isinstance(data["study"], dict):
         data = data["study"]

@@ -446,17 +446,15 @@ def _verdicts(cells, by_pm, models, precisions) -> str:
         )
     if loud:
         parts = []
+        # Holm over every sign test the report could make: precisions x models x
+        # (kink, ulp) pairs, so one lucky split among many is not a finding.
+        tests = len(precisions) * len(models) * 2
+        p_signs = [A.sign_test(*cells[p]["signs_alt"][:2]) for p in loud]
+        p_holm = dict(zip(loud, A.holm(p_signs, family=tests)))
         for p in loud:
             c = cells[p]
             a, u = c["absdelta_alt"][0], c["absdelta_ulp"][0]
-            ratio = a / u if u else math.inf
-            word = (
-                "about as much as"
-                if 0.5 <= ratio <= 2
-                else "more than"
-                if ratio > 2
-                else "less than"
-            )
+            word = A.compare_word(a, u)  # 0.00 vs 0.00 is "as little as", not a ratio
             models_txt = ", ".join(
                 f"{m.upper()} {by_pm[(p, m)]['absdelta_alt'][0]:.2f} vs "
                 f"{by_pm[(p, m)]['absdelta_ulp'][0]:.2f}"
@@ -468,14 +466,14 @@ def _verdicts(cells, by_pm, models, precisions) -> str:
                 f"{a:.2f} vs {u:.2f} points; {models_txt})"
             )
             lo, hi, _ = c["signs_alt"]
-            p_kink = A.sign_test(lo, hi)
-            if p_kink < 0.05:
+            p_kink, p_adj = A.sign_test(lo, hi), p_holm[p]
+            if p_adj < 0.05:
                 ulo, uhi, _ = c["signs_ulp"]
                 text += (
                     f", but in one direction: {'lower' if lo > hi else 'higher'} in "
                     f"{max(lo, hi)} of the {lo + hi} configurations it changed (sign test "
-                    f"p = {p_kink:.2g}; the nudge: {ulo} lower, {uhi} higher, p = "
-                    f"{A.sign_test(ulo, uhi):.2g})"
+                    f"p = {p_kink:.2g}, Holm-adjusted over {tests} tests p = {p_adj:.2g}; "
+                    f"the nudge: {ulo} lower, {uhi} higher, p = {A.sign_test(ulo, uhi):.2g})"
                 )
             parts.append(text)
         out.append("; ".join(parts) + ".")

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from .._files import atomic_write
+from . import hardware
+from .config import ConfigError
 
 RESULTS = "results.jsonl"
 CSV = "results.csv"
@@ -39,6 +41,17 @@ LOCK = "study.lock"
 
 class LockedError(RuntimeError):
     """Another live study holds the run directory."""
+
+
+class RunDirError(ConfigError):
+    """The run directory cannot be used as it is (a file where a directory belongs, ...)."""
+
+
+def _regular_file_or_absent(path: Path, what: str) -> None:
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise RunDirError(
+            f"{path} is not a regular file ({what}); move it away or use another --out"
+        )
 
 
 def clean(value: Any) -> Any:
@@ -83,11 +96,19 @@ class ResultStore:
     def path(self) -> Path:
         return self.dir / RESULTS
 
-    def load(self) -> list[str]:
-        """Read valid records; return one warning per bad or duplicate line."""
+    def load(self, rerun: bool = True) -> list[str]:
+        """Read valid records; return one warning per bad or duplicate line. With
+        `rerun` (a study, not a report) the file is rewritten without the bad lines,
+        whose configurations the study then runs again."""
         self.records, self.problems = [], []
+        _regular_file_or_absent(self.path, "the study's results")
         if not self.path.exists():
             return []
+        fate = (
+            "that configuration will be run again"
+            if rerun
+            else "it is left out (run the study again to redo that configuration)"
+        )
         seen: set[tuple[str, str]] = set()
         raw = self.path.read_bytes()
         for n, line in enumerate(raw.split(b"\n"), start=1):
@@ -103,7 +124,16 @@ class ResultStore:
                 self.problems.append(
                     f"{self.path}: line {n} is corrupted or truncated"
                     + (f" (configuration {hint})" if hint else "")
-                    + "; that configuration will be run again"
+                    + f"; {fate}"
+                )
+                continue
+            wrong = shape_problem(rec)
+            if wrong:  # a valid checksum over the wrong content: never trusted
+                hint = rec.get("id") if isinstance(rec.get("id"), str) else _guess_id(line)
+                self.problems.append(
+                    f"{self.path}: line {n} is not a study record ({wrong})"
+                    + (f" (configuration {hint})" if hint else "")
+                    + f"; {fate}"
                 )
                 continue
             ident = (rec["id"], rec["settings_hash"])
@@ -114,13 +144,21 @@ class ResultStore:
                 continue
             seen.add(ident)
             self.records.append(rec)
-        if self.problems:  # rewrite without the bad lines, so the file is clean again
+        if self.problems and rerun:  # rewrite without the bad lines: the file is clean again
             self._write()
         return list(self.problems)
 
     def done(self, settings_hash: str) -> dict[str, dict[str, Any]]:
         """Valid records made with these settings, by configuration id."""
         return {r["id"]: r for r in self.records if r["settings_hash"] == settings_hash}
+
+    def other_settings(self, settings_hash: str) -> dict[str, int]:
+        """Settings hash -> number of valid records made with settings other than these."""
+        out: dict[str, int] = {}
+        for r in self.records:
+            if r["settings_hash"] != settings_hash:
+                out[r["settings_hash"]] = out.get(r["settings_hash"], 0) + 1
+        return out
 
     def add(self, record: dict[str, Any]) -> dict[str, Any]:
         """Seal and append one record; the whole file is replaced atomically."""
@@ -149,6 +187,48 @@ class ResultStore:
         w.writeheader()
         w.writerows(rows)
         atomic_write(self.dir / CSV, buf.getvalue())
+
+
+#: A record's required fields and their types (what the report and the CSV read).
+_SHAPE: dict[str, type | tuple[type, ...]] = {
+    "id": str,
+    "key": dict,
+    "settings_hash": str,
+    "policies": dict,
+    "steps": int,
+    "final": dict,
+    "pairs": dict,
+    "epochs": list,
+}
+_KEY_FIELDS = {"model": str, "precision": str, "bias": str, "batchnorm": bool, "seed": int}
+
+
+def shape_problem(rec: Any) -> str | None:
+    """Why `rec` is not a well-formed result record, or None if it is one."""
+    if not isinstance(rec, dict):
+        return f"a {type(rec).__name__}, not an object"
+    for name, kind in _SHAPE.items():
+        if name not in rec:
+            return f"no {name!r}"
+        if not isinstance(rec[name], kind) or isinstance(rec[name], bool) and kind is int:
+            return f"{name!r} is a {type(rec[name]).__name__}"
+    key = rec["key"]
+    for name, kind in _KEY_FIELDS.items():
+        v = key.get(name)
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            return f"key {name!r} is {v!r}"
+    ident = "{}-{}-{}-bn{:d}-s{}".format(*(key[k] for k in _KEY_FIELDS))
+    if ident != rec["id"]:
+        return f"id {rec['id']!r} does not match its key ({ident})"
+    for part in ("test_acc", "train_loss"):
+        if not isinstance(rec["final"].get(part), dict):
+            return f"final.{part} is missing"
+    for name, pair in rec["pairs"].items():
+        if not isinstance(pair, dict) or "kind" not in pair or "acc_delta" not in pair:
+            return f"pair {name!r} is incomplete"
+    if not all(isinstance(ep, dict) and isinstance(ep.get("counts"), dict) for ep in rec["epochs"]):
+        return "an epoch without counts"
+    return None
 
 
 def _guess_id(line: bytes) -> str | None:
@@ -215,7 +295,8 @@ def flat_row(rec: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def environment() -> dict[str, Any]:
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Versions, platform and (under "hardware") what decides rounding, see `hardware`."""
     import platform
 
     import numpy
@@ -234,6 +315,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "hostname": socket.gethostname(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "hardware": hardware.describe(device),
     }
 
 
@@ -242,10 +324,15 @@ def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    """The manifest, or None if there is none or it is not a JSON object (a study then
+    rewrites it; its records still guard the settings, see `ResultStore.other_settings`)."""
+    path = Path(directory) / MANIFEST
+    _regular_file_or_absent(path, "the study's manifest")
     try:
-        return json.loads((Path(directory) / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 # --------------------------------------------------------------------------------------
@@ -285,6 +372,7 @@ def lock(directory: str | Path) -> Iterator[Path]:
     over with a warning written to the returned lock's `stale` list.
     """
     path = Path(directory) / LOCK
+    _regular_file_or_absent(path, "the study's lock")
     me = {
         "pid": os.getpid(),
         "host": socket.gethostname(),

@@ -1,22 +1,21 @@
 """Run a study: lock the directory, resume, run what is missing, write, report.
 
-Single process (`--jobs 1`), a process pool over configurations (`--jobs N`), or one
-configuration at a time data-parallel under `torchrun` (all ranks train together,
-rank 0 writes). In every mode each finished configuration is written at once.
+Configurations run in this process (`--jobs 1`), in a local process pool (`--jobs N`),
+as Ray tasks (`--executor ray`, see `executors`), or one at a time data-parallel under
+`torchrun` (all ranks train together, rank 0 writes). In every mode the driver alone
+writes the run directory, each finished configuration at once.
 """
 
 from __future__ import annotations
 
 import functools
-import multiprocessing as mp
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import results
+from . import executors, results
 from .config import RunKey, StudyConfig
 
 Log = Callable[[str], None]
@@ -39,20 +38,44 @@ def run_one(cfg: StudyConfig, key: RunKey, world_size: int = 1) -> dict[str, Any
         "id": key.id,
         "key": key.as_dict(),
         "settings_hash": cfg.settings_hash(world_size),
+        # Which seeds get the extra policies depends on the seed list, which is not in
+        # the settings hash: a record made for another seed list is not reused.
+        "extra_policies": list(cfg.extra_for(key)),
         **rec,
     }
 
 
-def _worker_init() -> None:
-    # Ctrl-C goes to the parent, which terminates the pool; workers stay quiet.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _work(args: tuple[StudyConfig, RunKey]) -> dict[str, Any]:
+def _work(args: tuple[StudyConfig, RunKey, int]) -> dict[str, Any]:
+    """One configuration: the unit of work every executor runs (top level: picklable)."""
     return run_one(*args)
+
+
+def _extras_of(rec: dict[str, Any]) -> list[str]:
+    if "extra_policies" in rec:
+        return list(rec["extra_policies"])
+    from .policies import REGISTRY  # records made before the field existed
+
+    return [n for n in rec["policies"].values() if n in REGISTRY]
+
+
+def reusable(cfg: StudyConfig, done: dict[str, dict[str, Any]]) -> tuple[dict, list[str]]:
+    """The finished records that a fresh run of `cfg` would give as they are, and one
+    note per record that must be run again (made for another seed list)."""
+    keep, notes = {}, []
+    for key in cfg.grid():
+        rec = done.get(key.id)
+        if rec is None:
+            continue
+        want, have = list(cfg.extra_for(key)), _extras_of(rec)
+        if want != have:
+            notes.append(
+                f"{key.id} was saved with extra policies {have or 'none'}, but with seeds "
+                f"{list(cfg.seeds)} and extra_seeds {cfg.extra_seeds} it gets "
+                f"{want or 'none'}; running it again"
+            )
+            continue
+        keep[key.id] = rec
+    return keep, notes
 
 
 def jobs_for(cfg: StudyConfig, todo: int) -> int:
@@ -100,6 +123,8 @@ def run_study(
 def _run_locked(cfg, out, world, share, log, warn, progress, overwrite, on_resume):
     from .config import ConfigError
 
+    if (out / results.MANIFEST).exists() and results.read_manifest(out) is None:
+        warn(f"{out / results.MANIFEST} is not a valid manifest; it will be rewritten")
     old = results.read_manifest(out)
     h = cfg.settings_hash(world)
     if old is not None and old.get("settings_hash") not in (None, h) and not overwrite:
@@ -113,10 +138,21 @@ def _run_locked(cfg, out, world, share, log, warn, progress, overwrite, on_resum
         old = None
     for problem in store.load():
         warn(problem)
+    other = store.other_settings(h)
+    if other and not overwrite:  # the guard holds without the manifest too
+        counts = ", ".join(f"{n} with settings hash {k}" for k, n in other.items())
+        raise ConfigError(
+            f"{out / results.RESULTS} holds results made with other settings ({counts}; "
+            f"this run's settings hash is {h}); use another --out directory, or --overwrite "
+            f"to start it again"
+        )
     grid = cfg.grid()
-    done = store.done(h)
+    done, notes = reusable(cfg, store.done(h))
+    for note in notes:
+        warn(note)
     todo = [k for k in grid if k.id not in done]
     share([k.id for k in todo])
+    data = _dataset(cfg.data, cfg.train_size, cfg.test_size)  # fails before any write
     manifest = {
         "study": "kinkgrad study",
         "command": os.environ.get("KINKGRAD_STUDY_COMMAND"),
@@ -126,7 +162,8 @@ def _run_locked(cfg, out, world, share, log, warn, progress, overwrite, on_resum
         "seeds": list(cfg.seeds),
         "configurations": len(grid),
         "world_size": world,
-        "environment": results.environment(),
+        "environment": results.environment(cfg.device),
+        "executor": cfg.executor,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "resumed_with": len(grid) - len(todo),
     }
@@ -138,7 +175,6 @@ def _run_locked(cfg, out, world, share, log, warn, progress, overwrite, on_resum
         if on_resume is not None:
             on_resume(len(grid) - len(todo))
     started = time.perf_counter()
-    data = _dataset(cfg.data, cfg.train_size, cfg.test_size)
     log(f"data: {data.describe()}")
     manifest["data"] = data.describe()
 
@@ -149,22 +185,22 @@ def _run_locked(cfg, out, world, share, log, warn, progress, overwrite, on_resum
 
     jobs = 1 if world > 1 else jobs_for(cfg, len(todo))
     manifest["jobs"] = jobs
-    if todo and jobs > 1:
+    if todo:
         # Longest first (CNNs, then MLPs), so the workers finish together.
-        todo = sorted(todo, key=lambda k: k.model != "cnn")
-        pool = mp.get_context("spawn").Pool(jobs, initializer=_worker_init)
+        todo = sorted(todo, key=lambda k: k.model != "cnn") if jobs > 1 else todo
+        kind = "local" if world > 1 else cfg.executor
         try:
-            for rec in pool.imap_unordered(_work, [(cfg, k) for k in todo]):
-                finished(rec)
-            pool.close()
-        except BaseException:
-            pool.terminate()
-            raise
-        finally:
-            pool.join()
-    else:
-        for key in todo:
-            finished(run_one(cfg, key, world))
+            executor = executors.make(kind, jobs, cfg.ray_address or None)
+            with executor:
+                manifest["workers"] = executor.workers
+                manifest["worker_threads"] = (
+                    _threads() if isinstance(executor, executors.Serial) else 1
+                )
+                units = [(cfg, k, world) for k in todo]
+                for _, rec in executor.map_unordered(_work, units):
+                    finished(rec)
+        except executors.ExecutorError as e:
+            raise ConfigError(str(e)) from None
     by_id = store.done(h)
     records = [by_id[k.id] for k in grid]
     store.write_csv(records)
@@ -204,6 +240,12 @@ def _settings_diff(old: dict[str, Any], cfg: StudyConfig) -> str:
     now = cfg.settings()
     diffs = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
     return ", ".join(diffs) or "different world size"
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _world_size() -> int:
