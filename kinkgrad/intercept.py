@@ -15,8 +15,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .catalog import targets
+from .frames import make_frame, pop_frame, push_frame
 from .ops import dispatch
-from .policy import make_frame, pop_frame, push_frame
 
 
 class _KinkMode(TorchFunctionMode):

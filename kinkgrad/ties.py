@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .calls import Call, Family, _bind, _is_float
+from .calls import Call, Family, _bind, _is_float, _warn_once
 
 # --------------------------------------------------------------------------------------
 # Selections: reductions, sort, topk, kthvalue, median
@@ -62,7 +62,7 @@ class Selection(Family):
         rest_shape = [x.shape[d] for d in rest]
         X = xp.reshape(-1, math.prod(xp.shape[len(rest) :]) if sel else 1)
         keep = mode == "slots" or bool(call.params.get("keepdim"))
-        if mode == "slots":
+        if mode == "slots" and nd:
             V = values.movedim(sel[0], -1).reshape(X.shape[0], -1)
         else:
             v = values
@@ -110,14 +110,25 @@ def _run_with_input_fix(call: Call, fix: Callable[[Tensor, Tensor, Tensor], Tens
     """Run the op on an alias of its input x. The alias's autograd node receives exactly
     this op's gradient with respect to x, in x's shape, whatever nodes PyTorch uses
     inside the op; a pre-hook there calls fix(native_grad, upstream_grad, values).
+
+    `values` are the op's output as computed: if the caller modified the output in place
+    (`p += 1` after a pool), they are recomputed from x, which must be unmodified.
     """
     x = call.inputs[0]
     if not (_is_float(x) and x.numel() and torch.is_grad_enabled() and x.requires_grad):
         return call.run()
+    if x.device.type == "meta":  # no values, hence no ties; gradients are meta too
+        return call.run()
+    if x.layout != torch.strided:
+        _warn_once(
+            f"kinkgrad: policies do not apply to {x.layout} tensors; this call runs as "
+            "plain PyTorch (PyTorch's gradient at every tie)"
+        )
+        return call.run()
     alias = x.view_as(x)
     out = call.replace({x: alias}).run()
     values = out[0] if isinstance(out, tuple) else out
-    version = x._version
+    version, out_version = x._version, values._version
     box: dict[str, Tensor] = {}
     values.register_hook(lambda g: box.__setitem__("g", g))
 
@@ -128,7 +139,12 @@ def _run_with_input_fix(call: Call, fix: Callable[[Tensor, Tensor, Tensor], Tens
             raise RuntimeError(
                 "kinkgrad: the input of a tie op was modified in place before backward"
             )
-        return (fix(grads[0], box.pop("g"), values.detach()), *grads[1:])
+        seen = values.detach()
+        if values._version != out_version:  # the output was modified in place
+            with torch.no_grad(), torch._C.DisableTorchFunction():
+                again = call.replace({x: x.detach()}).run()
+            seen = again[0] if isinstance(again, tuple) else again
+        return (fix(grads[0], box.pop("g"), seen), *grads[1:])
 
     alias.grad_fn.register_prehook(prehook)
     return out
