@@ -29,4 +29,8 @@ from .policy import policy as policy
 from .watch import Watcher as Watcher
 from .watch import watch as watch
 
+from .replay import install as _install_replay
+
+_install_replay()  # checkpoint recomputes under the captured policy; scripts warn
+
 __version__ = "0.1.0"

@@ -72,6 +72,12 @@ def attach(model: torch.nn.Module, default: object = None, **op_values: object) 
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"kinkgrad.attach expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"kinkgrad.attach: {type(model).__name__} is a TorchScript module; its ops run "
+            "without Python and no policy can reach them. Attach to the module before "
+            "scripting it, and run that module instead"
+        )
     frame = make_frame(op_values, default)
     detach(model)
 
