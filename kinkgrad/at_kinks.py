@@ -64,6 +64,11 @@ def _transformed() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def traced() -> bool:
+    """Tracing, compiling, under torch.func, or forced: no hooks on graph nodes."""
+    return LAZY.forced or torch.compiler.is_compiling() or _transformed()
+
+
 def lazy(x: Tensor) -> bool:
     """Must this call go without a host-side kink check?"""
     return LAZY.forced or x.device.type != "cpu" or torch.compiler.is_compiling() or _transformed()
@@ -126,3 +131,18 @@ class Slopes(torch.autograd.Function):
                 acc = acc.sum_to_size(shape)
             grads.append(acc)
         return (g, None, None, *([None] * ctx.n_kinks), *grads)
+
+
+class Assign(torch.autograd.Function):
+    """`x.copy_(out)` whose gradient goes to `out` only. (`copy_` would also send zeros
+    to x's earlier history, turning a -0.0 gradient there into +0.0.)"""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out: Tensor) -> Tensor:  # type: ignore[override]  # noqa: ANN001
+        x.copy_(out)
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]  # noqa: ANN001
+        return None, g

@@ -77,8 +77,14 @@ class Call:
 
     def replace(self, new: dict[Tensor, Tensor]) -> Call:
         """The same call with some tensor arguments swapped (matched by identity)."""
-        by_id = {id(k): v for k, v in new.items()}
-        sub = lambda v: by_id.get(id(v), v)
+        pairs = list(new.items())
+
+        def sub(v: Any) -> Any:
+            for old, repl in pairs:  # `is`, not id(): torch.compile traces this
+                if v is old:
+                    return repl
+            return v
+
         return Call(
             self.func,
             tuple(sub(a) for a in self.args),

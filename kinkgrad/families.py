@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .at_kinks import Block, Slopes, lazy
+from .at_kinks import Assign, Block, Slopes, _transformed, lazy
 from .calls import (  # noqa: F401  (re-exported: certify and watch import them from here)
     Call,
     Family,
@@ -122,8 +122,8 @@ class Elementwise(Family):
                 swap[t] = Block.apply(t, on_any) if t.requires_grad else t.clone()
         native = call.replace(swap).run()
         out = Slopes.apply(native, len(masks), coefs, *masks, *inputs)
-        if call.inplace:  # autograd tracks copy_ into x, views of x included
-            return x.copy_(out)
+        if call.inplace:  # autograd tracks this copy into x, views of x included
+            return x.copy_(out) if _transformed() else Assign.apply(x, out)
         return out
 
     def exact_hits(self, call: Call, out: Any = None) -> Tensor:
@@ -188,15 +188,17 @@ class _Surrogate(torch.autograd.Function):
     """Identity on PyTorch's own output; backward is the jump policy's rule."""
 
     @staticmethod
-    def forward(ctx, rule, out, *inputs):  # type: ignore[override]
+    def forward(ctx, rule, out, snapshot, *inputs):  # type: ignore[override]
+        # snapshot: the input's values for the rule (a copy when the op is in place,
+        # which overwrites the input itself).
         ctx.rule = rule
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*(inputs if snapshot is None else (snapshot,)))
         return out.clone()
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         grads = ctx.rule(g, *ctx.saved_tensors)
-        return (None, None, *grads)
+        return (None, None, None, *grads)
 
 
 class Jump(Family):
@@ -255,7 +257,7 @@ class Jump(Family):
                 at = g if ste else torch.zeros_like(g)
                 return (torch.where(on_jump, at, base),)
 
-        res = _Surrogate.apply(rule, out, x)
+        res = _Surrogate.apply(rule, out, x.detach().clone() if call.inplace else None, x)
         if call.inplace:
             return x.copy_(res)
         return res

@@ -45,7 +45,10 @@ def dispatch(
     if FORCED.value is not None:
         value = FORCED.value
     elif value is None:
-        value = STATE.resolved.get(key, "torch")
+        resolved = STATE.resolved
+        value = resolved.get(key)
+        if value is None:
+            value = resolved.get(spec.name, "torch")
     watchers = STATE.watchers
     if value == "torch" and not watchers:
         return func(*args, **kwargs)

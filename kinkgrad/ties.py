@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .at_kinks import Block, traced
 from .calls import Call, Family, _bind, _is_float, _warn_once
 
 # --------------------------------------------------------------------------------------
@@ -86,14 +87,15 @@ class Selection(Family):
     def _values(out: Any) -> Tensor:
         return out[0] if isinstance(out, tuple) else out
 
-    def apply(self, call: Call, value: Any) -> Any:
-        def fix(native: Tensor, g: Tensor, values: Tensor) -> Tensor:
-            X, V, back = self.rows(call, values)
-            G = self.rows(call, g)[1]  # the upstream gradient, laid out like the values
-            ours, tied = _selection_grad(X.detach(), V, G, value)
-            return torch.where(back(tied), back(ours), native)
+    def tie_rule(self, call: Call, values: Tensor, g: Tensor, rule: str) -> tuple[Tensor, Tensor]:
+        """(gradient w.r.t. x under `rule`, mask of inputs in tied selected groups)."""
+        X, V, back = self.rows(call, values)
+        G = self.rows(call, g)[1]  # the upstream gradient, laid out like the values
+        ours, tied = _selection_grad(X.detach(), V, G, rule)
+        return back(ours), back(tied)
 
-        return _run_with_input_fix(call, fix)
+    def apply(self, call: Call, value: Any) -> Any:
+        return _apply_tie_rule(self, call, value)
 
     def exact_hits(self, call: Call, out: Any) -> Tensor:
         values = self._values(out).detach()
@@ -125,6 +127,8 @@ def _run_with_input_fix(call: Call, fix: Callable[[Tensor, Tensor, Tensor], Tens
             "plain PyTorch (PyTorch's gradient at every tie)"
         )
         return call.run()
+    if fix is None:
+        return call.run()
     alias = x.view_as(x)
     out = call.replace({x: alias}).run()
     values = out[0] if isinstance(out, tuple) else out
@@ -148,6 +152,62 @@ def _run_with_input_fix(call: Call, fix: Callable[[Tensor, Tensor, Tensor], Tens
 
     alias.grad_fn.register_prehook(prehook)
     return out
+
+
+def _apply_tie_rule(fam: Any, call: Call, rule: str) -> Any:
+    """Eager: PyTorch's gradient patched at tied inputs by a hook (no extra forward).
+    Traced, compiled or under torch.func, where hooks on nodes cannot run: the same
+    gradient from two autograd nodes, as for elementwise kinks (`at_kinks.py`)."""
+    if not traced():
+
+        def fix(native: Tensor, g: Tensor, values: Tensor) -> Tensor:
+            ours, tied = fam.tie_rule(call, values, g, rule)
+            return torch.where(tied, ours, native)
+
+        return _run_with_input_fix(call, fix)
+    x = call.inputs[0]
+    if not (_is_float(x) and x.numel() and torch.is_grad_enabled() and x.requires_grad):
+        return call.run()
+    if x.device.type == "meta" or x.layout != torch.strided:
+        return _run_with_input_fix(call, None)  # passes through (warns for sparse)
+    with torch.no_grad():
+        first = call.replace({x: x.detach()}).run()
+    values0 = first[0] if isinstance(first, tuple) else first
+    _, tied = fam.tie_rule(call, values0, torch.zeros_like(values0), rule)
+    out = call.replace({x: Block.apply(x, tied)}).run()
+    values = out[0] if isinstance(out, tuple) else out
+
+    def ours(g: Tensor, x_now: Tensor) -> Tensor:
+        return fam.tie_rule(call.replace({x: x_now}), values0, g, rule)[0]
+
+    new = TieSlopes.apply(values, ours, values0, tied, x)
+    if isinstance(out, tuple):
+        return type(out)((new, *out[1:]))
+    return new
+
+
+class TieSlopes(torch.autograd.Function):
+    """Identity on the op's values; adds the tie rule's gradient at tied inputs of x
+    (-0.0 elsewhere; `Block` removed PyTorch's there). x is saved, so modifying it in
+    place before backward is PyTorch's own error; the values were computed separately
+    (`values0`), so modifying the output in place changes nothing here."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(values, ours, values0, tied, x):  # type: ignore[override]  # noqa: ANN001
+        return values.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        _, ctx.ours, values0, tied, x = inputs
+        ctx.save_for_backward(values0, tied, x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]  # noqa: ANN001
+        values0, tied, x = ctx.saved_tensors
+        grad = torch.where(tied, ctx.ours(g, x.detach()), -0.0)
+        return g, None, None, None, grad
 
 
 def _to_device(data: list, device: torch.device) -> Tensor:
@@ -347,12 +407,11 @@ class Pool(Family):
             grad, touched = grad.squeeze(0), touched.squeeze(0)
         return grad, touched
 
-    def apply(self, call: Call, value: Any) -> Any:
-        def fix(native: Tensor, g: Tensor, values: Tensor) -> Tensor:
-            ours, touched = self._split(call, values, g, value)
-            return torch.where(touched, ours, native)
+    def tie_rule(self, call: Call, values: Tensor, g: Tensor, rule: str) -> tuple[Tensor, Tensor]:
+        return self._split(call, values, g, rule)
 
-        return _run_with_input_fix(call, fix)
+    def apply(self, call: Call, value: Any) -> Any:
+        return _apply_tie_rule(self, call, value)
 
     def exact_hits(self, call: Call, out: Any) -> Tensor:
         values = out[0] if isinstance(out, tuple) else out
