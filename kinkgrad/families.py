@@ -123,7 +123,11 @@ class Elementwise(Family):
         native = call.replace(swap).run()
         out = Slopes.apply(native, len(masks), coefs, *masks, *inputs)
         if call.inplace:  # autograd tracks this copy into x, views of x included
-            return x.copy_(out) if _transformed() else Assign.apply(x, out)
+            # (Assign is exact to the sign of zero gradients, but autograd's view
+            # handling drops the rest of a view's base through a custom in-place node.)
+            if x._is_view() or _transformed():
+                return x.copy_(out)
+            return Assign.apply(x, out)
         return out
 
     def exact_hits(self, call: Call, out: Any = None) -> Tensor:
