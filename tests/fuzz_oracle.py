@@ -126,14 +126,8 @@ def selection_expected(x: torch.Tensor, values: torch.Tensor, g: torch.Tensor, d
     vd = values.detach().to(torch.float64)
     gd = g.detach().to(torch.float64)
     if dim is None:
-        flat, (grad, touched) = (
-            xd.reshape(-1),
-            _row_rule(
-                xd.reshape(-1).tolist(),
-                list(zip(vd.reshape(-1).tolist(), gd.reshape(-1).tolist(), strict=True)),
-                rule,
-            ),
-        )
+        slots = list(zip(vd.reshape(-1).tolist(), gd.reshape(-1).tolist(), strict=True))
+        grad, touched = _row_rule(xd.reshape(-1).tolist(), slots, rule)
         return torch.tensor(grad).reshape(x.shape), torch.tensor(touched).reshape(x.shape)
     xm = xd.movedim(dim, -1)
     vm = vd.movedim(dim, -1)
