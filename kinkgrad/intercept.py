@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -52,6 +54,26 @@ def acquire() -> None:
 def release() -> None:
     _DEPTH.count -= 1
     if _DEPTH.count == 0:
+        _DEPTH.mode.__exit__(None, None, None)
+
+
+@contextmanager
+def active() -> Iterator[None]:
+    """The interception mode on for a block, even where the stack of modes was reset:
+    the autograd engine runs backward (and a checkpoint's recomputation in it) without
+    the Python modes of the thread that called backward."""
+    stack = torch.overrides._get_current_function_mode_stack()
+    if any(m is _DEPTH.mode for m in stack):
+        acquire()
+        try:
+            yield
+        finally:
+            release()
+        return
+    _DEPTH.mode.__enter__()
+    try:
+        yield
+    finally:
         _DEPTH.mode.__exit__(None, None, None)
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.utils.checkpoint as _cp
 
 from .frames import STATE, pop_frame, push_frame
-from .intercept import acquire, release
+from .intercept import active
 
 
 def _with_frames(fn: Callable[..., Any], frames: tuple[dict, ...]) -> Callable[..., Any]:
@@ -34,11 +34,10 @@ def _with_frames(fn: Callable[..., Any], frames: tuple[dict, ...]) -> Callable[.
     def run(*args: Any, **kwargs: Any) -> Any:
         for frame in frames:
             push_frame(frame)
-        acquire()
         try:
-            return fn(*args, **kwargs)
+            with active():
+                return fn(*args, **kwargs)
         finally:
-            release()
             for frame in reversed(frames):
                 pop_frame(frame)
 
