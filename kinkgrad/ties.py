@@ -218,21 +218,26 @@ def _to_device(data: list, device: torch.device) -> Tensor:
     return torch.tensor(data, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
 
 
+def _starts(xs: Tensor) -> Tensor:
+    """Bool [R, n]: position s starts a new run of equal values in its (sorted) row."""
+    first = torch.ones_like(xs[:, :1], dtype=torch.bool)
+    return torch.cat([first, xs[:, 1:] != xs[:, :-1]], dim=1)
+
+
 def _groups(X: Tensor, V: Tensor):
     """Group equal values per row. Returns (perm, gid, n_in, gid_out, valid): perm sorts
     X stably; gid[r, s] is the group of sorted position s; n_in[r, g] the group's size;
     gid_out[r, j] the group of output slot j (valid False for NaN outputs)."""
     R, n = X.shape
     xs, perm = X.sort(dim=1, stable=True)
-    new = torch.ones_like(xs, dtype=torch.bool)
-    if n > 1:
-        new[:, 1:] = xs[:, 1:] != xs[:, :-1]  # NaN != NaN: every NaN is its own group
+    # Out-of-place throughout: torch.func's vmap batches these tensors.
+    new = _starts(xs)  # NaN != NaN: every NaN is its own group
     gid = new.long().cumsum(1) - 1
-    n_in = torch.zeros_like(gid).scatter_add_(1, gid, torch.ones_like(gid))
+    n_in = torch.zeros_like(gid).scatter_add(1, gid, torch.ones_like(gid))
     # NaNs sort last; binary search needs a monotone row, so search them as +inf (a real
     # +inf sorts before them and is found first; a NaN output never matches anyway).
     monotone = torch.where(xs.isnan(), torch.full_like(xs, float("inf")), xs)
-    pos = torch.searchsorted(monotone.contiguous(), V.contiguous()).clamp_(max=n - 1)
+    pos = torch.searchsorted(monotone.contiguous(), V.contiguous()).clamp(max=n - 1)
     valid = xs.gather(1, pos) == V
     gid_out = torch.where(valid, gid.gather(1, pos), torch.full_like(pos, -1))
     return perm, gid, n_in, gid_out, valid
@@ -245,33 +250,31 @@ def _selection_grad(X: Tensor, V: Tensor, G: Tensor, rule: str) -> tuple[Tensor,
     perm, gid, n_in, gid_out, valid = _groups(X, V)
     safe = gid_out.clamp(min=0)
     Gv = torch.where(valid, G, torch.zeros_like(G))
-    selected = torch.zeros_like(n_in).scatter_add_(1, safe, valid.long())
+    selected = torch.zeros_like(n_in).scatter_add(1, safe, valid.long())
     tied_sorted = ((n_in > 1) & (selected > 0)).gather(1, gid)
     if rule == "split":
-        total = torch.zeros(R, n, dtype=G.dtype, device=G.device).scatter_add_(1, safe, Gv)
+        total = torch.zeros(R, n, dtype=G.dtype, device=G.device).scatter_add(1, safe, Gv)
         share = total / n_in.clamp(min=1).to(G.dtype)
         grad_sorted = share.gather(1, gid)
-        grad = torch.zeros_like(grad_sorted).scatter_(1, perm, grad_sorted)
+        grad = torch.zeros_like(grad_sorted).scatter(1, perm, grad_sorted)
     elif rule == "first":
         # Output slots sharing a group take the group's inputs in index order.
-        first_pos = torch.zeros_like(n_in).scatter_reduce_(
+        first_pos = torch.zeros_like(n_in).scatter_reduce(
             1, gid, torch.arange(n, device=X.device).expand(R, n), "amin", include_self=False
         )
         order = torch.sort(safe, dim=1, stable=True)
         m = V.shape[1]
         ar = torch.arange(m, device=X.device).expand(R, m)
-        newg = torch.ones_like(order.values, dtype=torch.bool)
-        if m > 1:
-            newg[:, 1:] = order.values[:, 1:] != order.values[:, :-1]
+        newg = _starts(order.values)
         run_start = torch.where(newg, ar, torch.zeros_like(ar)).cummax(1).values
         rank_sorted = ar - run_start
-        rank = torch.zeros_like(rank_sorted).scatter_(1, order.indices, rank_sorted)
+        rank = torch.zeros_like(rank_sorted).scatter(1, order.indices, rank_sorted)
         target_sorted = (first_pos.gather(1, safe) + rank).clamp(max=n - 1)
         target = perm.gather(1, target_sorted)
-        grad = torch.zeros(R, n, dtype=G.dtype, device=G.device).scatter_add_(1, target, Gv)
+        grad = torch.zeros(R, n, dtype=G.dtype, device=G.device).scatter_add(1, target, Gv)
     else:
         raise ValueError(f"unknown tie rule {rule!r}")
-    tied = torch.zeros_like(tied_sorted).scatter_(1, perm, tied_sorted)
+    tied = torch.zeros_like(tied_sorted).scatter(1, perm, tied_sorted)
     return grad, tied
 
 
