@@ -13,7 +13,7 @@ COMMANDS = {
     "study": ("kinkgrad.study.cli", "Run the study: does the derivative at the kink matter?"),
     "conventions": ("kinkgrad.conventions", "What PyTorch (and JAX) return at every kink."),
     "check": ("kinkgrad.check", "First-order check of MODULE:FUNCTION at its point."),
-    "bench": ("kinkgrad.bench", "Overhead ratios vs plain PyTorch: policy|watch|certified|compiled."),
+    "bench": ("kinkgrad.bench", "Overhead vs plain PyTorch: policy|watch|certified|compiled."),
     "watch-summary": ("kinkgrad.watch", "Print a saved watch record file as a table."),
 }
 
