@@ -112,9 +112,12 @@ def _bind(names: Sequence[str], defaults: dict[str, Any], args: tuple, kwargs: d
 
 def _grad_wanted(inputs: Sequence[Any]) -> bool:
     """Will autograd record this call? (Else the forward is all there is.)"""
-    return torch.is_grad_enabled() and any(
-        isinstance(t, Tensor) and t.requires_grad for t in inputs
-    )
+    if not torch.is_grad_enabled():
+        return False
+    for t in inputs:  # a loop, not any(genexpr): this runs on every intercepted call
+        if isinstance(t, Tensor) and t.requires_grad:
+            return True
+    return False
 
 
 _WARNED: set[str] = set()

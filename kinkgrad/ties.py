@@ -132,13 +132,27 @@ def _run_with_input_fix(call: Call, fix: Callable[[Tensor, Tensor, Tensor], Tens
     alias = x.view_as(x)
     out = call.replace({x: alias}).run()
     values = out[0] if isinstance(out, tuple) else out
+    if values._is_view():
+        # max_pool1d returns a squeezed view: modifying it in place would rebase the
+        # graph past the node our pre-hook watches. A copy is an ordinary output.
+        values = values.clone()
+        out = type(out)((values, *out[1:])) if isinstance(out, tuple) else values
     version, out_version = x._version, values._version
     box: dict[str, Tensor] = {}
-    values.register_hook(lambda g: box.__setitem__("g", g))
+    # A pre-hook on the op's own node, not a tensor hook on `values`: the caller may
+    # modify `values` in place, after which a tensor hook no longer sees this op's
+    # output gradient.
+    values.grad_fn.register_prehook(lambda grads: box.__setitem__("g", grads[0]))
 
     def prehook(grads: tuple) -> tuple:
-        if "g" not in box or grads[0] is None:
+        if grads[0] is None:
             return grads
+        if "g" not in box:
+            raise RuntimeError(
+                f"kinkgrad: the gradient of {getattr(call.func, '__name__', call.func)}'s "
+                "output did not pass through its node; its tie policy cannot be applied "
+                "(please report this call)"
+            )
         if x._version != version:
             raise RuntimeError(
                 "kinkgrad: the input of a tie op was modified in place before backward"

@@ -147,9 +147,18 @@ def selection_expected(x: torch.Tensor, values: torch.Tensor, g: torch.Tensor, d
 
 
 def pool2d_expected(
-    x: torch.Tensor, out: torch.Tensor, g: torch.Tensor, k: int, s: int, p: int, rule: str
+    x: torch.Tensor,
+    out: torch.Tensor,
+    g: torch.Tensor,
+    k: int,
+    s: int,
+    p: int,
+    rule: str,
+    kh: int | None = None,
 ):
-    """max_pool2d(x [N, C, H, W], k, s, p): rule gradient and touched mask, brute force."""
+    """max_pool2d(x [N, C, H, W], (kh, k), s, p): rule gradient and touched mask, brute
+    force (kh defaults to k; kh=1 on [N, C, 1, L] is max_pool1d)."""
+    kh = k if kh is None else kh
     xd = x.detach().to(torch.float64)
     N, C, H, W = xd.shape
     OH, OW = out.shape[-2:]
@@ -166,7 +175,7 @@ def pool2d_expected(
                         continue
                     members = [
                         (h, w)
-                        for h in range(oh * s - p, oh * s - p + k)
+                        for h in range(oh * s - p, oh * s - p + kh)
                         for w in range(ow * s - p, ow * s - p + k)
                         if 0 <= h < H and 0 <= w < W and xd[n, c, h, w].item() == v
                     ]

@@ -129,7 +129,7 @@ def run_style(style, fn, fn_, x, g, w, policy, path):
                     out = leaf * 1
                     fn_(out[::2] if out.dim() else out[...])
                 elif style == "output_mutated":
-                    out = fn(leaf)
+                    out = fn(leaf * 1)  # a non-leaf input, as in real nets
                     out = out.mul_(w) if out.shape == w.shape else out.mul_(2.0)
                 elif style == "input_mutated":
                     y = leaf * 1
@@ -314,6 +314,7 @@ TIES = {
         "pool:2:2:0",
         ["channels_last", "4d"],
     ),
+    "max_pool1d/k2": ("max_pool1d", lambda x: F.max_pool1d(x.flatten(2), 2), "pool1d", ["4d"]),
     "max_pool2d/k3p1": (
         "max_pool2d",
         lambda x: torch.nn.MaxPool2d(3, stride=1, padding=1)(x),
@@ -328,6 +329,10 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-6, torch.f
 
 def _tie_expected(name, x, values, gu, rule):
     _, _, dim, _ = TIES[name]
+    if dim == "pool1d":  # a [N, C, 1, L] image with (1, 2) windows
+        x4, v4, g4 = (t.reshape(*t.shape[:2], 1, -1) for t in (x, values, gu))
+        ours, touched = oracle.pool2d_expected(x4, v4, g4, 2, 2, 0, rule, kh=1)
+        return ours.reshape(x.shape), touched.reshape(x.shape)
     if isinstance(dim, str):
         _, k, s, p = dim.split(":")
         return oracle.pool2d_expected(x, values, gu, int(k), int(s), int(p), rule)

@@ -256,3 +256,17 @@ def test_numpy_and_zero_dim_tensor_values(value):
 def test_non_scalar_values_are_refused(value):
     with pytest.raises(ValueError, match="kinkgrad policy for 'relu'"):
         kg.policy(relu=value).__enter__()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_inplace_relu_and_ties_match_cpu():
+    """On a GPU the lazy path is the real one: nn.ReLU(inplace=True) as in torchvision."""
+    for device in ("cpu", "cuda"):
+        y = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0], device=device, requires_grad=True)
+        with kg.policy(relu=1.0, max_pool1d="split"):
+            z = y * 1
+            nn.ReLU(inplace=True)(z)
+            p = F.max_pool1d(z.reshape(1, 1, 5)[..., 1:], 2)
+            p += 1.0
+        (z.sum() + p.sum()).backward()
+        assert y.grad.cpu().tolist() == [0.0, 0.5, 1.5, 2.0, 1.0]
