@@ -50,11 +50,12 @@ class Kink:
         (counting the non-zeros of x - point is much cheaper than building the mask);
         on accelerators asking would synchronise the host, so the answer is always True
         there."""
-        x = self.x.detach()
-        if x.device.type != "cpu" or isinstance(self.point, Tensor):
+        x = self.x
+        if not x.is_cpu or isinstance(self.point, Tensor):
             return True
-        # count_nonzero reads x once and allocates nothing of x's size.
-        d = x if self.point == 0 else x - self.point
+        # count_nonzero reads x once and allocates nothing of x's size (and records no
+        # graph: its output is an integer).
+        d = x if self.point == 0 else x.detach() - self.point
         return int(torch.count_nonzero(d)) < d.numel()  # NaN is nonzero: never a kink
 
 
