@@ -12,10 +12,8 @@ import math
 import numbers
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .catalog import OpSpec
+from .catalog import OpSpec, catalog, spec_by_name
 
 Value = float | str
 
@@ -150,8 +148,6 @@ _FRAMES: dict[tuple, dict[str, Value]] = {}
 
 
 def _make_frame(op_values: Mapping[str, object], default: object) -> dict[str, Value]:
-    from .catalog import catalog, spec_by_name
-
     frame: dict[str, Value] = {}
     if default is not None:
         matched = [s for s in catalog() if _default_applies(s, default)]

@@ -84,7 +84,10 @@ def attach(model: torch.nn.Module, default: object = None, **op_values: object) 
     """Give `model` a persistent policy, applied whenever its forward runs.
 
     Policies of enclosing `kinkgrad.policy` blocks still apply to ops the attached
-    policy does not name; an attached submodule's policy wins inside it.
+    policy does not name; an attached submodule's policy wins inside it. The policy
+    travels with the module: its hooks run in whichever thread calls it, so this is
+    the way to set policies for threaded code. TorchScript modules are refused (their
+    ops run without Python).
 
     >>> import torch, kinkgrad as kg
     >>> m = kg.attach(torch.nn.ReLU(), relu=1.0)

@@ -33,7 +33,9 @@ def policy(default: object = None, **op_values: object) -> Iterator[Mapping[str,
     **Arguments**: `default` applies to every op of the kind it fits (a number to every
     elementwise kink op, "first"/"split" to tie ops, "zero"/"ste" to jump ops); keywords
     name ops of `kinkgrad.catalog()`. Inner blocks win per op. Values are captured when
-    the forward runs, so `backward()` may run after the block.
+    the forward runs, so `backward()` may run after the block (checkpoint recomputation
+    included). A block applies to the thread that opened it, like `torch.no_grad()`:
+    for forwards in other threads use `kinkgrad.attach`.
 
     **Returns**: the validated frame (op name -> value), read-only.
 
