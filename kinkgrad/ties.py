@@ -129,7 +129,9 @@ def _run_with_input_fix(call: Call, fix: Callable[[Tensor, Tensor, Tensor], Tens
         return call.run()
     if fix is None:
         return call.run()
-    alias = x.view_as(x)
+    # aten.alias keeps x's exact strides (view_as may restride size-1 dims, and the op
+    # would then pick another memory format for its output than PyTorch does).
+    alias = torch.ops.aten.alias(x)
     out = call.replace({x: alias}).run()
     values = out[0] if isinstance(out, tuple) else out
     if values._is_view():
@@ -276,7 +278,9 @@ def _selection_grad(X: Tensor, V: Tensor, G: Tensor, rule: str) -> tuple[Tensor,
         first_pos = torch.zeros_like(n_in).scatter_reduce(
             1, gid, torch.arange(n, device=X.device).expand(R, n), "amin", include_self=False
         )
-        order = torch.sort(safe, dim=1, stable=True)
+        # Slots with no group (NaN outputs) must not join group 0's run: sort them last.
+        key = torch.where(valid, gid_out, torch.full_like(gid_out, n))
+        order = torch.sort(key, dim=1, stable=True)
         m = V.shape[1]
         ar = torch.arange(m, device=X.device).expand(R, m)
         newg = _starts(order.values)
