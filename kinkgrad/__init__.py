@@ -26,7 +26,10 @@ from .intercept import attach as attach
 from .intercept import attached as attached
 from .intercept import detach as detach
 from .policy import policy as policy
+from .replay import install as _install_replay
 from .watch import Watcher as Watcher
 from .watch import watch as watch
+
+_install_replay()  # checkpoint recomputes under the captured policy; scripts warn
 
 __version__ = "0.1.0"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
 import torch
@@ -893,7 +892,22 @@ def _jump(
     )
 
 
-@cache
+def _memo(build: Callable[[], Any]) -> Callable[[], Any]:
+    """Build once, then a plain dict read: torch.compile traces a policy opened inside a
+    compiled function down to here, and reads a dict without the warning it gives for
+    functools caches."""
+    box: dict[str, Any] = {}
+
+    def get() -> Any:
+        if "v" not in box:
+            box["v"] = build()
+        return box["v"]
+
+    get.__name__, get.__doc__ = build.__name__, build.__doc__
+    return get
+
+
+@_memo
 def _catalog() -> tuple[OpSpec, ...]:
     specs = tuple(_entries())
     names = [s.name for s in specs]
@@ -911,7 +925,7 @@ def catalog() -> list[OpSpec]:
     return list(_catalog())
 
 
-@cache
+@_memo
 def _by_name() -> dict[str, OpSpec]:
     return {s.name: s for s in _catalog()}
 
@@ -920,7 +934,7 @@ def spec_by_name(name: str) -> OpSpec | None:
     return _by_name().get(name)
 
 
-@cache
+@_memo
 def targets() -> dict[Callable, OpSpec]:
     """torch callable -> the spec it computes (what the interception layer routes)."""
     table: dict[Callable, OpSpec] = {}

@@ -1,142 +1,42 @@
 """Op families: how to read a call, where its kinks are, and the policy's gradient there.
 
-Every catalog entry (`catalog.py`) is one instance of a family below plus its data.
-The forward is always PyTorch's own op, run unchanged, so forward values are PyTorch's
-bit for bit. Off the kinks the gradient is PyTorch's own too: a family only *replaces*
-the gradient at the elements that sit exactly on a kink (`torch.where(mask, policy,
-native)`), through a hook on the autograd graph. Nothing is paid where nothing changes:
-with the "torch" policy no hook is registered at all, and on CPU a hook is registered
-only when some element actually sits on a kink.
+Every catalog entry (`catalog.py`) is one instance of a family (here: elementwise kinks,
+binary ties, jumps; `ties.py`: selections and pooling) plus its data. The forward is
+always PyTorch's own op on the same values, so forward values are PyTorch's bit for bit.
+Off the kinks the gradient is PyTorch's own too: an elementwise family only *replaces*
+the gradient at the elements that sit exactly on a kink, with two ordinary autograd
+nodes (`at_kinks.py`). Nothing is paid where nothing changes: with the "torch" policy
+nothing is inserted, and in eager mode on CPU only when some element sits on a kink.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-
-class Kink:
-    """One kink point of an elementwise op, evaluated on a call: the elements where
-    `x == point` (and `valid`, if given) sit on it.
-
-    `minus[i]` / `plus[i]` are the one-sided partial derivatives of the output with
-    respect to differentiable input i on the side where `direction . inputs` is smaller /
-    larger; `direction` is what the certified ("directional") mode projects tangents on.
-    The mask is built only when asked for: on CPU most calls never need it.
-    """
-
-    __slots__ = ("x", "point", "valid", "minus", "plus", "direction", "_mask")
-
-    def __init__(
-        self,
-        x: Tensor,
-        point: float | Tensor,
-        minus: tuple[Any, ...],
-        plus: tuple[Any, ...],
-        direction: tuple[float, ...],
-        valid: Tensor | None = None,
-    ) -> None:
-        self.x, self.point, self.valid = x, point, valid
-        self.minus, self.plus, self.direction = minus, plus, direction
-        self._mask: Tensor | None = None
-
-    @property
-    def mask(self) -> Tensor:
-        """Bool tensor: elements exactly on this kink (-0.0 counts as 0; NaN never)."""
-        if self._mask is None:
-            mask = self.x == self.point
-            self._mask = mask if self.valid is None else mask & self.valid
-        return self._mask
-
-    def possible(self) -> bool:
-        """False only if no element can be on the kink. On CPU one reduction decides
-        (counting the non-zeros of x - point is much cheaper than building the mask);
-        on accelerators asking would synchronise the host, so the answer is always True
-        there."""
-        x = self.x.detach()
-        if x.device.type != "cpu" or isinstance(self.point, Tensor):
-            return True
-        # count_nonzero reads x once and allocates nothing of x's size.
-        d = x if self.point == 0 else x - self.point
-        return int(torch.count_nonzero(d)) < d.numel()  # NaN is nonzero: never a kink
-
-
-@dataclass
-class Call:
-    """One intercepted call, normalised: the callable, its bound parameters, its inputs."""
-
-    func: Callable
-    args: tuple
-    kwargs: dict
-    params: dict[str, Any]
-    # Differentiable tensor inputs, in the order of the autograd node's grad_inputs;
-    # None where the node has a slot but the argument is not a tensor.
-    inputs: list[Tensor | None]
-    inplace: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def run(self) -> Any:
-        return self.func(*self.args, **self.kwargs)
-
-    def replace(self, new: dict[Tensor, Tensor]) -> Call:
-        """The same call with some tensor arguments swapped (matched by identity)."""
-        by_id = {id(k): v for k, v in new.items()}
-        sub = lambda v: by_id.get(id(v), v)
-        return Call(
-            self.func,
-            tuple(sub(a) for a in self.args),
-            {k: sub(v) for k, v in self.kwargs.items()},
-            {k: sub(v) for k, v in self.params.items()},
-            [sub(t) for t in self.inputs],
-            self.inplace,
-            dict(self.extra),
-        )
-
-
-def _bind(names: Sequence[str], defaults: dict[str, Any], args: tuple, kwargs: dict) -> dict:
-    """Map positional and keyword arguments to parameter names (signature of the op)."""
-    bound = dict(defaults)
-    if len(args) > len(names):
-        raise TypeError(f"too many positional arguments: {len(args)} > {len(names)}")
-    bound.update(zip(names, args, strict=False))
-    for key, value in kwargs.items():
-        if key in ("inplace", "out", "return_indices") or key in names:
-            bound[key] = value
-        else:
-            raise TypeError(f"unexpected keyword argument {key!r}")
-    return bound
-
-
-def _needs_grad(out: Any) -> bool:
-    return torch.is_grad_enabled() and isinstance(out, Tensor) and out.grad_fn is not None
-
-
-def _is_float(t: Any) -> bool:
-    return isinstance(t, Tensor) and t.is_floating_point()
-
-
-# --------------------------------------------------------------------------------------
-# Families
-# --------------------------------------------------------------------------------------
-
-
-class Family:
-    """Base: binding, running, and the exact-hit mask used by `kinkgrad.watch`."""
-
-    def bind(self, func: Callable, args: tuple, kwargs: dict) -> Call:  # pragma: no cover
-        raise NotImplementedError
-
-    def apply(self, call: Call, value: Any) -> Any:  # pragma: no cover
-        raise NotImplementedError
-
-    def exact_hits(self, call: Call, out: Any) -> Tensor:  # pragma: no cover
-        """Bool tensor: elements (or windows/reductions, for ties) exactly on a kink."""
-        raise NotImplementedError
+from .at_kinks import Assign, Block, Slopes, _transformed, lazy
+from .calls import (  # noqa: F401  (re-exported: certify and watch import them from here)
+    Call,
+    Family,
+    Kink,
+    _bind,
+    _grad_wanted,
+    _is_float,
+    _needs_grad,
+    _warn_once,
+    check_node_inputs,
+)
+from .ties import (  # noqa: F401  (re-exported)
+    Pool,
+    Selection,
+    _groups,
+    _run_with_input_fix,
+    _selection_grad,
+    _to_device,
+)
 
 
 class Elementwise(Family):
@@ -193,21 +93,41 @@ class Elementwise(Family):
 
     def apply(self, call: Call, value: Any) -> Any:
         x = call.inputs[0]
-        if not _is_float(x) or x.numel() == 0:
+        if not _is_float(x) or x.numel() == 0 or not _grad_wanted(call.inputs):
+            return call.run()  # no gradient will be asked for: the forward is all there is
+        if x.layout != torch.strided:
+            _warn_once(
+                f"kinkgrad: policies do not apply to {x.layout} tensors; this call runs as "
+                "plain PyTorch (PyTorch's gradient at every kink)"
+            )
             return call.run()
         kinks, call = self.kink_list(call)
-        live = [k for k in kinks if k.possible()]
-        if live and live[0].x.device.type == "cpu":
-            live = [k for k in live if bool(k.mask.any())]
-        out = call.run()
-        if not live or not _needs_grad(out):
-            return out
+        if not lazy(x):  # eager CPU: one cheap reduction, then only kinks that are hit
+            kinks = [k for k in kinks if k.possible()]
+            kinks = [k for k in kinks if bool(k.mask.any())]
+        if not kinks:
+            return call.run()
         a = self.value_to_number(value)
-        terms = [
-            (k.mask, tuple((1 - a) * m + a * p for m, p in zip(k.minus, k.plus, strict=False)))
-            for k in live
-        ]
-        _replace_at_kinks(out.grad_fn, terms, len(call.inputs))
+        masks = [k.mask for k in kinks]  # built before the op: an in-place op overwrites x
+        coefs = tuple(
+            tuple((1 - a) * m + a * p for m, p in zip(k.minus, k.plus, strict=False)) for k in kinks
+        )
+        on_any = masks[0]
+        for m in masks[1:]:
+            on_any = on_any | m
+        inputs = [t if isinstance(t, Tensor) else None for t in call.inputs]
+        swap = {}
+        for i, t in enumerate(inputs):
+            if t is not None and (t.requires_grad or (i == 0 and call.inplace)):
+                swap[t] = Block.apply(t, on_any) if t.requires_grad else t.clone()
+        native = call.replace(swap).run()
+        out = Slopes.apply(native, len(masks), coefs, *masks, *inputs)
+        if call.inplace:  # autograd tracks this copy into x, views of x included
+            # (Assign is exact to the sign of zero gradients, but autograd's view
+            # handling drops the rest of a view's base through a custom in-place node.)
+            if x._is_view() or _transformed():
+                return x.copy_(out)
+            return Assign.apply(x, out)
         return out
 
     def exact_hits(self, call: Call, out: Any = None) -> Tensor:
@@ -216,34 +136,6 @@ class Elementwise(Family):
         for k in kinks:
             mask = mask | k.mask
         return mask
-
-
-def check_node_inputs(node: Any, grad_inputs: tuple, expected: int) -> None:
-    """A hook replaces gradients by position: refuse a node whose inputs differ from
-    the catalog's (a PyTorch version that changed the op's signature)."""
-    if len(grad_inputs) != expected:
-        raise RuntimeError(
-            f"kinkgrad: autograd node {type(node).__name__} has {len(grad_inputs)} "
-            f"inputs, expected {expected}; please report this PyTorch version"
-        )
-
-
-def _replace_at_kinks(node: Any, terms: list[tuple[Tensor, tuple]], n_inputs: int) -> None:
-    """Post-hook on the op's own autograd node: grad_in := g * coef where mask holds."""
-
-    def hook(grad_inputs: tuple, grad_outputs: tuple) -> tuple:
-        check_node_inputs(node, grad_inputs, n_inputs)
-        g = grad_outputs[0]
-        if g is None:
-            return grad_inputs
-        new = list(grad_inputs)
-        for mask, coefs in terms:
-            for i, c in enumerate(coefs):
-                if new[i] is not None:
-                    new[i] = torch.where(mask, g * c, new[i])
-        return tuple(new)
-
-    node.register_hook(hook)
 
 
 def _broadcast(call: Call) -> Call:
@@ -292,334 +184,6 @@ class BinaryTie(Elementwise):
 
 
 # --------------------------------------------------------------------------------------
-# Selections: reductions, sort, topk, kthvalue, median
-# --------------------------------------------------------------------------------------
-
-
-class Selection(Family):
-    """Ops whose output values are elements of the input (max, sort, topk, median, ...).
-
-    At a tie several inputs carry the selected value. "first" gives each output slot's
-    gradient to the tied inputs in index order (what a stable sort would pick); "split"
-    gives each tied input an equal share of its value group's gradient. Both are convex
-    combinations of the per-piece gradients, hence Clarke subgradients.
-    """
-
-    def __init__(self, mode: str, names: Sequence[str], defaults: dict[str, Any]) -> None:
-        # mode: "full" (one value over all elements), "dim" (one value along a dim),
-        # "auto" (full without dim, else dim), "dims" (amax/amin over several dims),
-        # "slots" (sort/topk: several values along a dim).
-        self.mode = mode
-        self.names = tuple(names)
-        self.defaults = defaults
-
-    def bind(self, func: Callable, args: tuple, kwargs: dict) -> Call:
-        params = _bind(self.names, self.defaults, args, kwargs)
-        mode = self.mode
-        if mode == "auto":
-            mode = "full" if params.get("dim") is None else "dim"
-        return Call(func, args, kwargs, params, [params["input"]], extra={"mode": mode})
-
-    # Rows: move the selected dims of x last and flatten them.
-    def rows(self, call: Call, values: Tensor) -> tuple[Tensor, Tensor, Callable]:
-        x = call.inputs[0]
-        nd = x.dim()
-        dim = call.params.get("dim")
-        mode = call.extra["mode"]
-        if mode == "full" or (mode == "dims" and dim in (None, (), [])) or nd == 0:
-            sel = list(range(nd))
-        elif isinstance(dim, (list, tuple)):
-            sel = sorted(d % nd for d in dim)
-        else:
-            sel = [dim % nd]
-        rest = [d for d in range(nd) if d not in sel]
-        perm = rest + sel
-        xp = x.permute(perm) if nd else x.reshape(1)
-        rest_shape = [x.shape[d] for d in rest]
-        X = xp.reshape(-1, math.prod(xp.shape[len(rest) :]) if sel else 1)
-        keep = mode == "slots" or bool(call.params.get("keepdim"))
-        if mode == "slots":
-            V = values.movedim(sel[0], -1).reshape(X.shape[0], -1)
-        else:
-            v = values
-            if not keep and mode != "full":
-                for d in sel:
-                    v = v.unsqueeze(d)
-            V = v.reshape(X.shape[0], 1)
-
-        def back(G: Tensor) -> Tensor:
-            full = G.reshape(rest_shape + [x.shape[d] for d in sel]) if nd else G.reshape(())
-            if not nd:
-                return full
-            inv = [0] * nd
-            for i, d in enumerate(perm):
-                inv[d] = i
-            return full.permute(inv)
-
-        return X, V, back
-
-    @staticmethod
-    def _values(out: Any) -> Tensor:
-        return out[0] if isinstance(out, tuple) else out
-
-    def apply(self, call: Call, value: Any) -> Any:
-        def fix(native: Tensor, g: Tensor, values: Tensor) -> Tensor:
-            X, V, back = self.rows(call, values)
-            G = self.rows(call, g)[1]  # the upstream gradient, laid out like the values
-            ours, tied = _selection_grad(X.detach(), V, G, value)
-            return torch.where(back(tied), back(ours), native)
-
-        return _run_with_input_fix(call, fix)
-
-    def exact_hits(self, call: Call, out: Any) -> Tensor:
-        values = self._values(out).detach()
-        X, V, _ = self.rows(call, values)
-        _, _, n_in, gid_out, valid = _groups(X.detach(), V)
-        tied = (n_in.gather(1, gid_out.clamp(min=0)) > 1) & valid
-        if call.extra["mode"] == "slots" and values.dim():  # rows hold the dim last
-            d = call.params["dim"] % values.dim()
-            return tied.reshape(values.movedim(d, -1).shape).movedim(-1, d)
-        return tied.reshape(values.shape)
-
-
-def _run_with_input_fix(call: Call, fix: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Any:
-    """Run the op on an alias of its input x. The alias's autograd node receives exactly
-    this op's gradient with respect to x, in x's shape, whatever nodes PyTorch uses
-    inside the op; a pre-hook there calls fix(native_grad, upstream_grad, values).
-    """
-    x = call.inputs[0]
-    if not (_is_float(x) and x.numel() and torch.is_grad_enabled() and x.requires_grad):
-        return call.run()
-    alias = x.view_as(x)
-    out = call.replace({x: alias}).run()
-    values = out[0] if isinstance(out, tuple) else out
-    version = x._version
-    box: dict[str, Tensor] = {}
-    values.register_hook(lambda g: box.__setitem__("g", g))
-
-    def prehook(grads: tuple) -> tuple:
-        if "g" not in box or grads[0] is None:
-            return grads
-        if x._version != version:
-            raise RuntimeError(
-                "kinkgrad: the input of a tie op was modified in place before backward"
-            )
-        return (fix(grads[0], box.pop("g"), values.detach()), *grads[1:])
-
-    alias.grad_fn.register_prehook(prehook)
-    return out
-
-
-def _to_device(data: list, device: torch.device) -> Tensor:
-    """An int64 tensor of `data` on `device`. A copy from pageable host memory would make
-    the host wait for the device's queue; from pinned memory it is asynchronous."""
-    if device.type == "cpu":
-        return torch.tensor(data, dtype=torch.long)
-    return torch.tensor(data, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
-
-
-def _groups(X: Tensor, V: Tensor):
-    """Group equal values per row. Returns (perm, gid, n_in, gid_out, valid): perm sorts
-    X stably; gid[r, s] is the group of sorted position s; n_in[r, g] the group's size;
-    gid_out[r, j] the group of output slot j (valid False for NaN outputs)."""
-    R, n = X.shape
-    xs, perm = X.sort(dim=1, stable=True)
-    new = torch.ones_like(xs, dtype=torch.bool)
-    if n > 1:
-        new[:, 1:] = xs[:, 1:] != xs[:, :-1]  # NaN != NaN: every NaN is its own group
-    gid = new.long().cumsum(1) - 1
-    n_in = torch.zeros_like(gid).scatter_add_(1, gid, torch.ones_like(gid))
-    # NaNs sort last; binary search needs a monotone row, so search them as +inf (a real
-    # +inf sorts before them and is found first; a NaN output never matches anyway).
-    monotone = torch.where(xs.isnan(), torch.full_like(xs, float("inf")), xs)
-    pos = torch.searchsorted(monotone.contiguous(), V.contiguous()).clamp_(max=n - 1)
-    valid = xs.gather(1, pos) == V
-    gid_out = torch.where(valid, gid.gather(1, pos), torch.full_like(pos, -1))
-    return perm, gid, n_in, gid_out, valid
-
-
-def _selection_grad(X: Tensor, V: Tensor, G: Tensor, rule: str) -> tuple[Tensor, Tensor]:
-    """Gradient w.r.t. X [R, n] of output slots V [R, m] with upstream G under a tie
-    rule, and the mask of inputs in tied, selected groups (where it replaces PyTorch's)."""
-    R, n = X.shape
-    perm, gid, n_in, gid_out, valid = _groups(X, V)
-    safe = gid_out.clamp(min=0)
-    Gv = torch.where(valid, G, torch.zeros_like(G))
-    selected = torch.zeros_like(n_in).scatter_add_(1, safe, valid.long())
-    tied_sorted = ((n_in > 1) & (selected > 0)).gather(1, gid)
-    if rule == "split":
-        total = torch.zeros(R, n, dtype=G.dtype, device=G.device).scatter_add_(1, safe, Gv)
-        share = total / n_in.clamp(min=1).to(G.dtype)
-        grad_sorted = share.gather(1, gid)
-        grad = torch.zeros_like(grad_sorted).scatter_(1, perm, grad_sorted)
-    elif rule == "first":
-        # Output slots sharing a group take the group's inputs in index order.
-        first_pos = torch.zeros_like(n_in).scatter_reduce_(
-            1, gid, torch.arange(n, device=X.device).expand(R, n), "amin", include_self=False
-        )
-        order = torch.sort(safe, dim=1, stable=True)
-        m = V.shape[1]
-        ar = torch.arange(m, device=X.device).expand(R, m)
-        newg = torch.ones_like(order.values, dtype=torch.bool)
-        if m > 1:
-            newg[:, 1:] = order.values[:, 1:] != order.values[:, :-1]
-        run_start = torch.where(newg, ar, torch.zeros_like(ar)).cummax(1).values
-        rank_sorted = ar - run_start
-        rank = torch.zeros_like(rank_sorted).scatter_(1, order.indices, rank_sorted)
-        target_sorted = (first_pos.gather(1, safe) + rank).clamp(max=n - 1)
-        target = perm.gather(1, target_sorted)
-        grad = torch.zeros(R, n, dtype=G.dtype, device=G.device).scatter_add_(1, target, Gv)
-    else:
-        raise ValueError(f"unknown tie rule {rule!r}")
-    tied = torch.zeros_like(tied_sorted).scatter_(1, perm, tied_sorted)
-    return grad, tied
-
-
-# --------------------------------------------------------------------------------------
-# Pooling windows
-# --------------------------------------------------------------------------------------
-
-
-class Pool(Family):
-    """max_pool{1,2,3}d and adaptive_max_pool{1,2}d: a tie is a window whose maximum is
-    carried by several inputs. PyTorch gives the window's gradient to the first of
-    them in scan order, which is exactly "first"; "split" shares it equally."""
-
-    def __init__(self, nd: int, adaptive: bool) -> None:
-        self.nd = nd
-        self.adaptive = adaptive
-
-    def bind(self, func: Callable, args: tuple, kwargs: dict) -> Call:
-        if self.adaptive:
-            names: tuple[str, ...] = ("input", "output_size", "return_indices")
-            defaults: dict[str, Any] = {"return_indices": False}
-        else:
-            names = (
-                "input",
-                "kernel_size",
-                "stride",
-                "padding",
-                "dilation",
-                "ceil_mode",
-                "return_indices",
-            )
-            defaults = {
-                "stride": None,
-                "padding": 0,
-                "dilation": 1,
-                "ceil_mode": False,
-                "return_indices": False,
-            }
-        params = _bind(names, defaults, args, kwargs)
-        return Call(func, args, kwargs, params, [params["input"]])
-
-    def _tuple(self, v: Any, default: Any = None) -> tuple[int, ...]:
-        if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
-            v = default
-        if isinstance(v, int):
-            return (v,) * self.nd
-        return tuple(int(i) for i in v)
-
-    def windows(self, call: Call, out_shape: Sequence[int]) -> Tensor:
-        """Flat indices [O1, K1, O2, K2, ...] into x's spatial dims padded by one slot
-        per dim (the pad slot stands for positions outside the input)."""
-        x = call.inputs[0]
-        spatial = x.shape[-self.nd :]
-        outs = out_shape[-self.nd :]
-        p = call.params
-        per_dim = []
-        for d in range(self.nd):
-            L, O = spatial[d], outs[d]
-            if self.adaptive:
-                starts = [(o * L) // O for o in range(O)]
-                ends = [-((-(o + 1) * L) // O) for o in range(O)]
-                K = max(e - s for s, e in zip(starts, ends, strict=False)) if O else 0
-                idx = [
-                    [s + k if s + k < e else L for k in range(K)]
-                    for s, e in zip(starts, ends, strict=False)
-                ]
-            else:
-                k = self._tuple(p["kernel_size"])[d]
-                s = self._tuple(p["stride"], p["kernel_size"])[d]
-                pad = self._tuple(p["padding"])[d]
-                dil = self._tuple(p["dilation"])[d]
-                idx = []
-                for o in range(O):
-                    row = []
-                    for j in range(k):
-                        pos = o * s - pad + j * dil
-                        row.append(pos if 0 <= pos < L else L)
-                    idx.append(row)
-            per_dim.append(_to_device(idx, x.device).reshape(O, -1))
-        flat = torch.zeros((), dtype=torch.long, device=x.device)
-        stride = 1
-        for d in reversed(range(self.nd)):
-            shape = [1] * (2 * self.nd)
-            shape[2 * d], shape[2 * d + 1] = per_dim[d].shape
-            flat = flat + per_dim[d].reshape(shape) * stride
-            stride *= spatial[d] + 1
-        return flat
-
-    def _split(self, call: Call, values: Tensor, g: Tensor | None, rule: str):
-        x = call.inputs[0].detach()
-        unbatched = x.dim() == self.nd + 1
-        if unbatched:
-            x, values = x.unsqueeze(0), values.unsqueeze(0)
-            g = g.unsqueeze(0) if g is not None else None
-        lead = x.shape[: -self.nd]
-        idx = self.windows(call, values.shape)
-        xp = torch.nn.functional.pad(x, (0, 1) * self.nd, value=float("nan"))
-        flat_x = xp.reshape(*lead, -1)
-        W = flat_x[..., idx]  # [*lead, O1, K1, O2, K2, ...]
-        vshape = list(values.shape[: len(lead)])
-        for d in range(self.nd):
-            vshape += [values.shape[len(lead) + d], 1]
-        eq = W == values.reshape(vshape)
-        kdims = tuple(len(lead) + 2 * d + 1 for d in range(self.nd))
-        count = eq.sum(dim=kdims, keepdim=True)
-        tie_windows = count > 1
-        if g is None:
-            hits = tie_windows.squeeze(kdims) if kdims else tie_windows
-            return hits.squeeze(0) if unbatched else hits
-        G = g.reshape(vshape)
-        if rule == "split":
-            contrib = torch.where(eq, G / count.to(G.dtype), torch.zeros_like(G))
-        else:  # first in scan order = lowest flat position in the window
-            flatw = eq.movedim(kdims, tuple(range(-self.nd, 0))).flatten(-self.nd)
-            firstw = flatw & (flatw.long().cumsum(-1) == 1)
-            firstw = firstw.reshape(eq.movedim(kdims, tuple(range(-self.nd, 0))).shape)
-            firstw = firstw.movedim(tuple(range(-self.nd, 0)), kdims)
-            contrib = torch.where(firstw, G, torch.zeros_like(G))
-        nflat = flat_x.shape[-1]
-        grad = torch.zeros(*lead, nflat, dtype=G.dtype, device=G.device)
-        grad = grad.index_add(-1, idx.flatten(), contrib.reshape(*lead, -1))
-        touched = (
-            torch.zeros(*lead, nflat, dtype=G.dtype, device=G.device).index_add(
-                -1, idx.flatten(), (eq & tie_windows).to(G.dtype).reshape(*lead, -1)
-            )
-            > 0
-        )
-        crop = [slice(None)] * len(lead) + [slice(0, s) for s in x.shape[-self.nd :]]
-        shape_p = [*lead, *(s + 1 for s in x.shape[-self.nd :])]
-        grad = grad.reshape(shape_p)[tuple(crop)]
-        touched = touched.reshape(shape_p)[tuple(crop)]
-        if unbatched:
-            grad, touched = grad.squeeze(0), touched.squeeze(0)
-        return grad, touched
-
-    def apply(self, call: Call, value: Any) -> Any:
-        def fix(native: Tensor, g: Tensor, values: Tensor) -> Tensor:
-            ours, touched = self._split(call, values, g, value)
-            return torch.where(touched, ours, native)
-
-        return _run_with_input_fix(call, fix)
-
-    def exact_hits(self, call: Call, out: Any) -> Tensor:
-        values = out[0] if isinstance(out, tuple) else out
-        return self._split(call, values.detach(), None, "split")
-
-
-# --------------------------------------------------------------------------------------
 # Jumps
 # --------------------------------------------------------------------------------------
 
@@ -628,15 +192,17 @@ class _Surrogate(torch.autograd.Function):
     """Identity on PyTorch's own output; backward is the jump policy's rule."""
 
     @staticmethod
-    def forward(ctx, rule, out, *inputs):  # type: ignore[override]
+    def forward(ctx, rule, out, snapshot, *inputs):  # type: ignore[override]
+        # snapshot: the input's values for the rule (a copy when the op is in place,
+        # which overwrites the input itself).
         ctx.rule = rule
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*(inputs if snapshot is None else (snapshot,)))
         return out.clone()
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         grads = ctx.rule(g, *ctx.saved_tensors)
-        return (None, None, *grads)
+        return (None, None, None, *grads)
 
 
 class Jump(Family):
@@ -695,7 +261,7 @@ class Jump(Family):
                 at = g if ste else torch.zeros_like(g)
                 return (torch.where(on_jump, at, base),)
 
-        res = _Surrogate.apply(rule, out, x)
+        res = _Surrogate.apply(rule, out, x.detach().clone() if call.inplace else None, x)
         if call.inplace:
             return x.copy_(res)
         return res

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .catalog import OpSpec, catalog
+from .frames import validate
 from .ops import dispatch
-from .policy import validate
 
 POLICY_KEYWORD = {"kink": "kink", "tie": "ties", "jump": "jump"}
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from .catalog import targets
+from .frames import make_frame, pop_frame, push_frame
 from .ops import dispatch
-from .policy import make_frame, pop_frame, push_frame
 
 
 class _KinkMode(TorchFunctionMode):
@@ -55,6 +57,26 @@ def release() -> None:
         _DEPTH.mode.__exit__(None, None, None)
 
 
+@contextmanager
+def active() -> Iterator[None]:
+    """The interception mode on for a block, even where the stack of modes was reset:
+    the autograd engine runs backward (and a checkpoint's recomputation in it) without
+    the Python modes of the thread that called backward."""
+    stack = torch.overrides._get_current_function_mode_stack()
+    if any(m is _DEPTH.mode for m in stack):
+        acquire()
+        try:
+            yield
+        finally:
+            release()
+        return
+    _DEPTH.mode.__enter__()
+    try:
+        yield
+    finally:
+        _DEPTH.mode.__exit__(None, None, None)
+
+
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -62,7 +84,10 @@ def attach(model: torch.nn.Module, default: object = None, **op_values: object) 
     """Give `model` a persistent policy, applied whenever its forward runs.
 
     Policies of enclosing `kinkgrad.policy` blocks still apply to ops the attached
-    policy does not name; an attached submodule's policy wins inside it.
+    policy does not name; an attached submodule's policy wins inside it. The policy
+    travels with the module: its hooks run in whichever thread calls it, so this is
+    the way to set policies for threaded code. TorchScript modules are refused (their
+    ops run without Python).
 
     >>> import torch, kinkgrad as kg
     >>> m = kg.attach(torch.nn.ReLU(), relu=1.0)
@@ -72,6 +97,12 @@ def attach(model: torch.nn.Module, default: object = None, **op_values: object) 
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"kinkgrad.attach expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"kinkgrad.attach: {type(model).__name__} is a TorchScript module; its ops run "
+            "without Python and no policy can reach them. Attach to the module before "
+            "scripting it, and run that module instead"
+        )
     frame = make_frame(op_values, default)
     detach(model)
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch.nn as tnn
 
+from .frames import make_frame, pop_frame, push_frame
 from .functional import POLICY_KEYWORD
 from .intercept import acquire, release
-from .policy import make_frame, pop_frame, push_frame
 
 
 class _WithPolicy:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .catalog import OpSpec, spec_by_name
-from .policy import STATE, Value
+from .frames import STATE, Value
 
 #: Set by `kinkgrad.certify`: runs a call under the "directional" policy.
 DIRECTIONAL: list[Callable[[OpSpec, Any, Any], Any]] = []
@@ -36,14 +36,19 @@ def dispatch(
 ) -> Any:
     """Run `func(*args, **kwargs)`, PyTorch's own op, under `value` (default: the
     active policy for `spec`), and report it to the active watchers."""
+    key = spec.name
     if spec.route is not None:
         routed = spec.route(args, kwargs)
         if routed is not None:
+            key = f"{spec.name}:{routed}"  # a policy for either name reaches it (COVERS)
             spec = spec_by_name(routed)
     if FORCED.value is not None:
         value = FORCED.value
     elif value is None:
-        value = STATE.resolved.get(spec.name, "torch")
+        resolved = STATE.resolved
+        value = resolved.get(key)
+        if value is None:
+            value = resolved.get(spec.name, "torch")
     watchers = STATE.watchers
     if value == "torch" and not watchers:
         return func(*args, **kwargs)

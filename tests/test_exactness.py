@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kinkgrad as kg
+from kinkgrad.at_kinks import force_lazy
 from tests.op_cases import (
     ALL_NAMES,
     BINARY,
@@ -25,6 +26,15 @@ from tests.op_cases import (
     binary_coefs,
     kink_points,
 )
+
+
+@pytest.fixture(autouse=True, scope="module", params=["eager", "lazy"])
+def path(request):
+    """Every test here runs twice: on the eager CPU path (one reduction decides whether
+    any element sits on a kink) and on the lazy accelerator path, forced on CPU."""
+    with force_lazy(request.param == "lazy"):
+        yield request.param
+
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 SPECIAL = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 3.0, -3.0, 6.0, 1.5, 2.5]
