@@ -8,9 +8,10 @@ at import, by wrapping `CheckpointFunction.forward` (reentrant) and
 `_checkpoint_without_reentrant_generator` (non-reentrant); idempotent.
 
 TorchScript (`torch.jit.script` / `torch.jit.trace`) runs ops without Python, so no
-policy can reach them: a scripted or traced module called while a policy is active warns
-once, and `kinkgrad.attach` refuses one. (A scripted *function*, `torch._C.ScriptFunction`,
-is a C type that cannot be wrapped: the README says so.)
+policy can reach them: a scripted or traced module or function called while a policy is
+active warns once per callable, and `kinkgrad.attach` refuses a scripted module.
+`torch._C.ScriptFunction` is a C type, but its `__call__` slot can be replaced like a
+Python class's, so scripted functions are caught the same way as modules.
 """
 
 from __future__ import annotations
@@ -74,28 +75,39 @@ def _install_checkpoint() -> None:
 _WARNED: set[str] = set()
 
 
-def _install_script_warning() -> None:
-    cls = torch.jit.ScriptModule
+def _warn_unreachable(kind: str, name: str) -> None:
+    key = f"{kind} {name}"
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"kinkgrad: TorchScript {kind} {name!r} runs without Python, so the active "
+            "kinkgrad policy does not reach the ops inside it (they get PyTorch's own "
+            f"gradients); call the unscripted {kind} instead",
+            stacklevel=3,
+        )
+
+
+def _wrap_call(cls: type, kind: str, name_of: Callable[[Any], str]) -> None:
     if getattr(cls.__call__, "_kinkgrad", False):
         return
     call = cls.__call__
 
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
         if STATE.frames:
-            name = getattr(self, "original_name", type(self).__name__)
-            key = f"{type(self).__name__} {name}"
-            if key not in _WARNED:
-                _WARNED.add(key)
-                warnings.warn(
-                    f"kinkgrad: TorchScript module {name!r} runs without Python, so the "
-                    "active kinkgrad policy does not reach the ops inside it (they get "
-                    "PyTorch's own gradients); call the unscripted module instead",
-                    stacklevel=2,
-                )
+            _warn_unreachable(kind, name_of(self))
         return call(self, *args, **kwargs)
 
     __call__._kinkgrad = True  # type: ignore[attr-defined]
     cls.__call__ = __call__
+
+
+def _install_script_warning() -> None:
+    _wrap_call(
+        torch.jit.ScriptModule,
+        "module",
+        lambda m: getattr(m, "original_name", type(m).__name__),
+    )
+    _wrap_call(torch._C.ScriptFunction, "function", lambda f: f.qualified_name)
 
 
 def install() -> None:

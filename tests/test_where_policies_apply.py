@@ -156,6 +156,27 @@ def test_scripted_and_traced_modules_warn_and_attach_refuses():
         scripted(torch.zeros(2))  # no policy: nothing to say
 
 
+@torch.jit.script
+def _scripted_relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x)
+
+
+def _relu_twice(x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x) * 2
+
+
+def test_scripted_and_traced_functions_warn_naming_the_function():
+    traced = torch.jit.trace(_relu_twice, torch.ones(2))
+    for fn, name in ((_scripted_relu, "_scripted_relu"), (traced, "_relu_twice")):
+        x = torch.zeros(2, requires_grad=True)
+        with kg.policy(relu=1.0), pytest.warns(UserWarning, match=f"kinkgrad: .*{name}"):
+            fn(x).sum().backward()
+        assert x.grad.tolist() == [0.0, 0.0]  # PyTorch's own: the policy did not reach it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _scripted_relu(torch.zeros(2))  # no policy: nothing to say
+
+
 # 6. threads -----------------------------------------------------------------------------
 
 
