@@ -1,0 +1,136 @@
+"""The paper protocol (kinkgrad.study.paper): the shortcut against two full copies, the
+initialisation, the units of work, the statistics and the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kinkgrad as kg
+from kinkgrad.study import paper, paper_stats
+from kinkgrad.study.data import mnist_pass
+
+
+def _two_full_copies(layers, batches):
+    """The paper notebook's loop, literally: two copies of the network with ReLU'(0) = 0
+    and = 1 (kinkgrad policies), both run forward and backward on every minibatch,
+    gradients accumulating in .grad, first-layer weight gradients compared after each."""
+    copies = [[(w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for w, b in layers] for _ in range(2)]
+    for i, (x, y) in enumerate(batches):
+        for copy, kink in zip(copies, (0.0, 1.0)):
+            with kg.policy(relu=kink):
+                h = x
+                for w, b in copy[:-1]:
+                    h = torch.relu(F.linear(h, w, b))
+                loss = F.cross_entropy(F.linear(h, *copy[-1]), y)
+            loss.backward()
+        g1, g2 = copies[0][0][0].grad, copies[1][0][0].grad
+        if (g1 - g2).abs().sum() != 0:
+            return i
+    return None
+
+
+def _small_batches(dtype, n=512, batch=64, binary=False):
+    x, y = mnist_pass()
+    x = x[:n].reshape(n, -1).to(torch.float32)
+    if binary:
+        x = (x > 0.5).to(torch.float32)
+    x = x.to(dtype)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def _on_grid(layers, dtype, q=4096):
+    """Weights rounded to multiples of 1/q: with binary inputs, sums of them cancel to an
+    exact 0 now and then, so exact zeros (and both outcomes) occur in a small case."""
+    return [
+        tuple((torch.round(t.detach().double() * q) / q).to(dtype).requires_grad_() for t in wb)
+        for wb in layers
+    ]
+
+
+@pytest.mark.parametrize("precision", ["float16", "float32"])
+def test_shortcut_equals_two_full_copies(precision):
+    dtype = paper.DTYPES[precision]
+    batches = _small_batches(dtype, n=256, binary=True)
+    outcomes = []
+    for i in range(12):
+        layers = _on_grid(paper.init_layers(784, 2, 16, 10, dtype, paper.init_seed(7, i)), dtype)
+        fast = paper.bifurcation(layers, batches)
+        slow = _two_full_copies(layers, batches)
+        assert fast["entered_batch"] == slow, (precision, i)
+        outcomes.append(fast["in_s"])
+        if fast["in_s"]:
+            assert fast["zero_batches"] >= 1
+    # the case must exercise both outcomes, or it proves nothing
+    assert any(outcomes) and not all(outcomes), outcomes
+
+
+def test_a_minibatch_without_exact_zeros_gives_equal_gradients():
+    batches = _small_batches(torch.float32, n=128)
+    layers = paper.init_layers(784, 2, 32, 10, torch.float32, paper.init_seed(0, 0))
+    for x, y in batches:
+        g0, n = paper._first_layer_grad(layers, x, y, paper._policies()[0])
+        g1, _ = paper._first_layer_grad(layers, x, y, paper._policies()[1])
+        assert n == 0 and torch.equal(g0, g1)
+
+
+def test_an_exact_zero_with_a_gradient_behind_it_changes_the_first_layer_gradient():
+    # A hand-made exact zero: first-layer bias cancelling the input's contribution.
+    layers = paper.init_layers(4, 1, 3, 2, torch.float64, 1)
+    w, b = layers[0]
+    x = torch.tensor([[1.0, 2.0, 0.0, 0.0]], dtype=torch.float64)
+    with torch.no_grad():
+        b[0] = -(w[0] @ x[0])
+    assert (F.linear(x, w, b)[0, 0] == 0).item()
+    out = paper.bifurcation(layers, [(x, torch.tensor([1]))])
+    assert out["zeros"] == 1 and out["in_s"] and out["entered_at"] == 1
+
+
+def test_initialisation_is_pytorchs_default_linear_init_and_shared_across_precisions():
+    torch.manual_seed(3)
+    ref = torch.nn.Linear(784, 16)
+    g = torch.Generator().manual_seed(3)
+    w = torch.empty(16, 784)
+    torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
+    # same distribution as nn.Linear: bound 1/sqrt(fan_in) for weights and biases
+    assert w.abs().max() <= 1 / math.sqrt(784) and ref.weight.abs().max() <= 1 / math.sqrt(784)
+    l32 = paper.init_layers(784, 2, 16, 10, torch.float32, 5)
+    l16 = paper.init_layers(784, 2, 16, 10, torch.float16, 5)
+    for (a, _), (b, _) in zip(l32, l16):
+        assert torch.equal(a.to(torch.float16), b)
+    assert not torch.equal(l32[0][0], paper.init_layers(784, 2, 16, 10, torch.float32, 6)[0][0])
+
+
+def test_run_chunk_is_a_picklable_pure_unit_of_work():
+    task = {
+        "setting": paper.Setting("bfloat16", 1, 16, 128).as_dict(),
+        "start": 3,
+        "stop": 5,
+        "seed": 0,
+        "data": "mnist",
+        "train_size": 512,
+    }
+    a, b = paper.run_chunk(task), paper.run_chunk(pickle.loads(pickle.dumps(task)))
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert strip(a) == strip(b)
+    assert [r["init"] for r in a["inits"]] == [3, 4]
+    assert a["samples_per_pass"] == 512
+    assert a["inits"][0]["relu_evals"] == 512 * 16
+    json.dumps(a)
+
+
+def test_wilson_interval_and_60k_extrapolation():
+    lo, hi = paper_stats.wilson(0, 100)
+    assert lo == 0 and 0.03 < hi < 0.04  # 3.7%
+    lo, hi = paper_stats.wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert paper_stats.to_60k(0.05) == pytest.approx(1 - 0.95**12)
+    lo, hi = paper_stats.poisson(0)
+    assert lo == 0 and hi == pytest.approx(3.689, abs=0.01)
+    lo, hi = paper_stats.poisson(10)
+    assert lo == pytest.approx(4.795, abs=0.05) and hi == pytest.approx(18.39, abs=0.1)
