@@ -20,7 +20,13 @@ def _two_full_copies(layers, batches):
     """The paper notebook's loop, literally: two copies of the network with ReLU'(0) = 0
     and = 1 (kinkgrad policies), both run forward and backward on every minibatch,
     gradients accumulating in .grad, first-layer weight gradients compared after each."""
-    copies = [[(w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for w, b in layers] for _ in range(2)]
+    copies = [
+        [
+            (w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_())
+            for w, b in layers
+        ]
+        for _ in range(2)
+    ]
     for i, (x, y) in enumerate(batches):
         for copy, kink in zip(copies, (0.0, 1.0)):
             with kg.policy(relu=kink):

@@ -101,7 +101,9 @@ def init_layers(
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         w = torch.empty(fan_out, fan_in)
         torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
-        b = torch.empty(fan_out).uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=g)
+        b = torch.empty(fan_out).uniform_(
+            -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=g
+        )
         layers.append((w.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()))
     return layers
 
@@ -199,16 +201,30 @@ def run_chunk(task: dict[str, Any]) -> dict[str, Any]:
     "train_size"}. The result carries the task's fields, per-initialisation results
     and the seconds spent.
     """
+    # One thread: the result must not depend on how a machine splits a matmul.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_chunk(task)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_chunk(task: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     s = Setting(**task["setting"])
     dtype = DTYPES[s.precision]
     x32, y = _pass_data(task["data"], task.get("train_size", 0))
     x = x32.to(dtype)
-    batches = [(x[i : i + s.batch_size], y[i : i + s.batch_size]) for i in range(0, len(y), s.batch_size)]
+    batches = [
+        (x[i : i + s.batch_size], y[i : i + s.batch_size]) for i in range(0, len(y), s.batch_size)
+    ]
     classes = int(y.max()) + 1 if task["data"] != "mnist" else 10
     inits = []
     for i in range(task["start"], task["stop"]):
-        layers = init_layers(x.shape[1], s.depth, s.width, classes, dtype, init_seed(task["seed"], i))
+        layers = init_layers(
+            x.shape[1], s.depth, s.width, classes, dtype, init_seed(task["seed"], i)
+        )
         inits.append({"init": i, **bifurcation(layers, batches)})
     return {
         **{k: task[k] for k in ("setting", "start", "stop", "seed", "data")},
