@@ -122,7 +122,7 @@ def test_run_chunk_is_a_picklable_pure_unit_of_work():
         "train_size": 512,
     }
     a, b = paper.run_chunk(task), paper.run_chunk(pickle.loads(pickle.dumps(task)))
-    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    strip = lambda r: {k: v for k, v in r.items() if "seconds" not in k}
     assert strip(a) == strip(b)
     assert [r["init"] for r in a["inits"]] == [3, 4]
     assert a["samples_per_pass"] == 512
@@ -140,3 +140,114 @@ def test_wilson_interval_and_60k_extrapolation():
     assert lo == 0 and hi == pytest.approx(3.689, abs=0.01)
     lo, hi = paper_stats.poisson(10)
     assert lo == pytest.approx(4.795, abs=0.05) and hi == pytest.approx(18.39, abs=0.1)
+
+
+# --------------------------------------------------------------------------------------
+# the sweep driver and its run directory
+# --------------------------------------------------------------------------------------
+
+from kinkgrad.study import paper_run  # noqa: E402
+from kinkgrad.study.config import ConfigError  # noqa: E402
+
+
+def _cfg(**kw):
+    base = dict(precisions=("bfloat16", "float64"), widths=(16,), inits=3, train_size=256, jobs=1)
+    base.update(kw)
+    return paper_run.PaperConfig(**base)
+
+
+def _run(cfg, out, **kw):
+    return paper_run.run(cfg, out, log=lambda m: None, warn=lambda m: None, **kw)
+
+
+def test_grid_sweeps_one_axis_at_a_time_around_the_papers_default():
+    cfg = paper_run.PaperConfig(precisions=("float32",), depths=(1, 3), widths=(16, 256))
+    got = [(s.depth, s.width, s.batch_size) for s in cfg.grid()]
+    assert got == [(1, 256, 256), (3, 256, 256), (3, 16, 256)]
+    assert [t["stop"] - t["start"] for t in _cfg(inits=60).tasks()][:3] == [25, 25, 10]
+
+
+def test_paper_json_has_exactly_the_promised_fields(tmp_path):
+    rows, _ = _run(_cfg(), tmp_path)
+    saved = json.loads((tmp_path / "paper.json").read_text())
+    assert saved == json.loads(json.dumps(rows))
+    assert [list(r) for r in saved] == [paper_run.ROW_FIELDS] * 2
+    for r in saved:
+        assert r["inits"] == 3 and r["samples_per_pass"] == 256
+        assert r["relu_evals"] == 3 * 256 * 16 * 3
+        assert r["ci_low"] <= r["share"] <= r["ci_high"]
+        assert r["ci_low_60k"] <= r["share_60k"] <= r["ci_high_60k"]
+
+
+def test_resume_and_extension_equal_a_fresh_run(tmp_path):
+    fresh, _ = _run(_cfg(inits=30), tmp_path / "fresh")
+    _run(_cfg(inits=5), tmp_path / "resumed")  # chunk [0, 5): a different boundary
+    again, m = _run(_cfg(inits=30), tmp_path / "resumed")
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]
+    assert strip(again) == strip(fresh)
+    lines = (tmp_path / "resumed" / paper_run.CHUNKS).read_text().splitlines()
+    # corrupt the record of chunk [25, 30): it alone runs again, with the same result
+    bad = [i for i, line in enumerate(lines) if '"start":25' in line]
+    assert bad
+    lines[bad[0]] = lines[bad[0]][:-20]
+    (tmp_path / "resumed" / paper_run.CHUNKS).write_text("\n".join(lines) + "\n")
+    warnings = []
+    redone, m = paper_run.run(
+        _cfg(inits=30), tmp_path / "resumed", log=lambda m: None, warn=warnings.append
+    )
+    assert strip(redone) == strip(fresh)
+    assert any("corrupted" in w for w in warnings)
+    assert m["resumed_with_chunks"] == 2 * 2 - 1
+
+
+def test_other_settings_are_refused_not_mixed(tmp_path):
+    _run(_cfg(), tmp_path)
+    with pytest.raises(ConfigError, match="other settings"):
+        _run(_cfg(seed=1), tmp_path)
+    (tmp_path / paper_run.MANIFEST).unlink()  # the records alone still guard
+    with pytest.raises(ConfigError, match="other settings"):
+        _run(_cfg(seed=1), tmp_path)
+    rows, _ = _run(_cfg(seed=1), tmp_path, overwrite=True)
+    assert rows[0]["inits"] == 3
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"precisions": ("float8",)}, "precisions"),
+        ({"widths": (0,)}, "widths"),
+        ({"inits": 0}, "inits"),
+        ({"train_size": -1}, "train_size"),
+    ],
+)
+def test_bad_settings_are_named(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(**kw).validate()
+
+
+def test_cli_paper_protocol_end_to_end(tmp_path, capsys):
+    from kinkgrad.study.cli import cli
+
+    out = tmp_path / "run"
+    argv = [
+        "--protocol",
+        "paper",
+        "--inits",
+        "2",
+        "--precisions",
+        "bfloat16,float32",
+        "--widths",
+        "16",
+        "--train-size",
+        "256",
+        "--jobs",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert cli(argv) == 0
+    report = (out / "report.md").read_text()
+    assert "Side by side with the published numbers" in report
+    assert (out / "plots" / "paper.png").stat().st_size > 0
+    assert cli(argv + ["--report-only"]) == 0
+    assert cli(["--protocol", "paper", "--inits", "0", "--out", str(out)]) == 2

@@ -230,6 +230,8 @@ def _paper_config(args, cfg):
         values["data"] = args.data
     if args.seeds:
         values["seed"] = args.seeds[0]
+    if args.train_size:
+        values["train_size"] = args.train_size
     if args.quick:
         values["inits"] = QUICK_INITS
     for name in ("inits", "depths", "widths", "batch_sizes"):

@@ -117,6 +117,12 @@ class PaperConfig:
             or not 1 <= self.inits <= 10**6
         ):
             raise ConfigError(f"inits: expected an integer in 1..1000000, got {self.inits!r}")
+        if (
+            isinstance(self.train_size, bool)
+            or not isinstance(self.train_size, int)
+            or self.train_size < 0
+        ):
+            raise ConfigError(f"train_size: expected an integer >= 0, got {self.train_size!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ConfigError(
                 f"seeds: the paper protocol's seed must be in 0..2^63-1, got {self.seed!r}"
