@@ -66,7 +66,12 @@ def test_quick_study_end_to_end(tmp_path):
     assert "**Answer in numbers.**" in md.split("\n## ")[0]
     assert "Compared with published figures" in md and "Bertoin" in md
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5 and "<table>" in page
+    assert page.count("data:image/png;base64,") == 6 and "<table>" in page
+    # the paper protocol ran too, and its section leads the report
+    rows = json.loads((out / "paper.json").read_text())
+    assert sorted(r["precision"] for r in rows) == sorted(config.PRECISIONS)
+    assert all(r["inits"] == 10 and r["samples_per_pass"] == 5000 for r in rows)
+    assert md.split("\n## ")[1].startswith("The published experiment")
     for name in ("bifurcation", "kink_hits", "divergence", "accuracy", "crossings"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 10_000
     assert "Does the derivative at the kink matter?" in p.stdout  # summary table

