@@ -17,6 +17,7 @@ reuses the initialisations already done.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -274,6 +275,30 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM ends the run like Ctrl-C (finished chunks saved, workers stopped, lock
+    removed), where nothing else handles it; the old handler comes back afterwards."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.getsignal(signal.SIGTERM)
+    if old is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -312,7 +337,10 @@ def run(
     """
     cfg.validate()
     out.mkdir(parents=True, exist_ok=True)
-    with results.lock(out):
+    with _sigterm_interrupts(), results.lock(out):
+        for msg in results.STALE:
+            warn(msg)
+        results.STALE.clear()
         store = ChunkStore(out)
         if overwrite:
             store.path.unlink(missing_ok=True)
