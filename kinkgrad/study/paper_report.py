@@ -242,7 +242,69 @@ def blocks(directory: Path) -> tuple[list[Block], list[tuple[str, str, str]]]:
         ),
     ]
     text += _findings(rows, info, misses, manifest)
+    text += _zeros_section(directory)
     return text, [("paper.png", "Share in S", "")]
+
+
+def _zeros_section(directory: Path) -> list[Block]:
+    """The first-layer measurement of `paper_zeros.py`, when it was run into `directory`."""
+    import json
+
+    from .paper_zeros import FILE
+
+    try:
+        doc = json.loads((directory / FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    rows, notes = [], []
+    for r in doc["rows"]:
+        n = r["evaluations"]
+        rows.append(
+            [
+                r["precision"],
+                f"{r['inits']} x {n // max(r['inits'], 1):,}",
+                f"{r['kernel']} ({sci(r['kernel'] / n)})",
+                f"{r['rounded_once']} ({sci(r['rounded_once'] / n)})",
+                str(r["exact"]),
+            ]
+        )
+        e = r.get("emulated")
+        if e and e["evaluations"]:
+            m = e["evaluations"]
+            notes.append(
+                f"{r['precision']}, emulated float16 accumulation ({e['inits']} "
+                f"initialisations x {e['samples']:,} images, {m:,} pre-activations): "
+                f"{e['float16_accumulate']} exact zeros ({sci(e['float16_accumulate'] / m)}) "
+                f"where this CPU's kernel gives {e['kernel']} ({sci(e['kernel'] / m)}) on the "
+                "same inputs and weights."
+            )
+    return (
+        [
+            ("h3", "Where the zeros come from (first layer, measured)"),
+            (
+                "p",
+                "The first layer's pre-activations of the default network over the whole pass, "
+                "from the same inputs and weights: this CPU's kernel; the float64 value rounded "
+                "once to the precision (0 only by underflow: what a perfectly accurate kernel "
+                "gives); and the float64 value itself (0 only if the sum cancels exactly). "
+                "`python -m kinkgrad.study.paper_zeros` (paper_zeros.py).",
+            ),
+            (
+                "table",
+                [
+                    "precision",
+                    "inits x pre-activations",
+                    "zeros, CPU kernel",
+                    "zeros, rounded once",
+                    "zeros, exact (float64)",
+                ],
+                rows,
+            ),
+            ("ul", notes),
+        ]
+        if rows
+        else []
+    )
 
 
 def _findings(rows, info, misses, manifest) -> list[Block]:
