@@ -243,7 +243,26 @@ def blocks(directory: Path) -> tuple[list[Block], list[tuple[str, str, str]]]:
     ]
     text += _findings(rows, info, misses, manifest)
     text += _zeros_section(directory)
+    text.append(("p", _time_text(rows, info, manifest)))
     return text, [("paper.png", "Share in S", "")]
+
+
+def _time_text(rows, info, manifest) -> str:
+    cpu = {r["precision"]: info[_key(r)]["cpu"] * r["inits"] for r in rows}
+    total = sum(cpu.values())
+    env = manifest.get("environment") or {}
+    text = (
+        f"Time: {total:.0f} CPU seconds in all ("
+        + ", ".join(f"{p} {c:.0f} s" for p, c in cpu.items())
+        + f"), so about {total / 2:.0f} s of wall clock on an idle 2-core machine"
+    )
+    if manifest.get("wall_seconds") is not None:
+        text += (
+            f"; this run took {manifest['wall_seconds']:.0f} s with {manifest.get('jobs')} "
+            f"worker(s) on {env.get('cpu_count')} CPUs (more where the machine was shared or "
+            "the run resumed)"
+        )
+    return text + "."
 
 
 def _zeros_section(directory: Path) -> list[Block]:
@@ -451,38 +470,44 @@ def write(directory: Path) -> list[Path]:
     return [md, page]
 
 
+def _span(values: list[float]) -> str:
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    f = lambda x: f"{100 * x:.0f}"
+    return f(lo) if f(lo) == f(hi) else f"{f(lo)}-{f(hi)}"
+
+
 def print_table(rows: list[dict[str, Any]], console) -> None:
-    """The terminal summary: one line per setting."""
+    """The terminal summary: one line per setting, fit for 80 columns."""
     from rich import box
     from rich.table import Table
 
     t = Table(
-        title="Share of initialisations in S (paper protocol)",
+        title="Share of initialisations in S, paper protocol (one pass; 60k-equivalent)",
         title_justify="left",
+        caption=(
+            "net: hidden layers x width / batch. pass: share in S after one pass [95%]; 60k: "
+            "1 - (1 - p)^12, an extrapolation to the paper's 60,000 images; paper: their "
+            "published shares, %; zeros: exact zeros per ReLU evaluation."
+        ),
+        caption_justify="left",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
+        padding=(0, 1),
     )
-    for col in (
-        "precision",
-        "network",
-        "batch",
-        "in S",
-        "one pass [95%]",
-        "60k-equiv. [95%]",
-        "published",
-        "zeros/eval",
-    ):
-        t.add_column(col, justify="left" if col in ("precision", "network") else "right")
+    for col in ("", "net", "in S", "pass %", "60k %", "paper", "zeros"):
+        t.add_column(col, justify="left" if col in ("prec.", "net") else "right", no_wrap=True)
+    short = lambda x: f"{100 * x:.0f}" if x in (0, 1) or 100 * x >= 99.5 else f"{100 * x:.1f}"
     for r in rows:
         pub = PUBLISHED.get(_key(r), [])
         t.add_row(
-            r["precision"],
-            _arch(r),
-            str(r["batch_size"]),
+            r["precision"].replace("float", "f").replace("bfloat", "bf"),
+            f"{r['depth']}x{r['width']}/{r['batch_size']}",
             f"{r['in_s']}/{r['inits']}",
-            f"{pct(r['share'])} {_interval(r['ci_low'], r['ci_high'])}",
-            f"{pct(r['share_60k'])} {_interval(r['ci_low_60k'], r['ci_high_60k'])}",
-            ", ".join(pct(v) for _, v in pub) or "-",
+            f"{short(r['share'])} [{short(r['ci_low'])},{short(r['ci_high'])}]",
+            f"{short(r['share_60k'])} [{short(r['ci_low_60k'])},{short(r['ci_high_60k'])}]",
+            _span([v for _, v in pub]),
             sci(r["zeros"] / r["relu_evals"]) if r["relu_evals"] else "n/a",
         )
     console.print(t)
