@@ -436,6 +436,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 )
         if axis != "depth":
             ax.set_xscale("log", base=2)
+        ticks = {"width": paper.WIDTHS, "depth": paper.DEPTHS, "batch_size": paper.BATCH_SIZES}
+        ax.set_xticks(ticks[axis], [str(t) for t in ticks[axis]])
+        ax.minorticks_off()
         ax.set_xlabel(label)
         ax.set_ylim(-0.03, 1.03)
     axes[0].set_ylabel("share of initialisations in S")
