@@ -87,7 +87,8 @@ def test_quick_study_end_to_end(tmp_path):
 @pytest.mark.slow  # ~10 s; the in-process interrupt test covers resume by default
 def test_kill_9_then_resume(tmp_path):
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "kinkgrad.study", "--models", "mlp", "--bias", "fused"]
+    args = [sys.executable, "-m", "kinkgrad.study", "--protocol", "lockstep", "--models", "mlp"]
+    args += ["--bias", "fused"]
     args += ["--batchnorm", "off", "--seeds", "0,1", "--epochs", "1", "--jobs", "1"]
     args += ["--train-size", "320", "--out", str(out)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
