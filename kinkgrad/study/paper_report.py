@@ -345,6 +345,8 @@ def _findings(rows, info, misses, manifest) -> list[Block]:
     env = manifest.get("environment") or {}
     hw = manifest.get("hardware") or {}
     where = hw.get("cpu_model") or env.get("processor") or env.get("machine") or "this CPU"
+    if hw.get("cpu_capability"):
+        where += f", {hw['cpu_capability']}, BLAS {(hw.get('blas') or {}).get('BLAS_INFO', '?')}"
     items.append(
         "Which results depend on the hardware: every share in S and every zero rate above "
         "except float64's. An exact 0 at a ReLU input in float32, bfloat16 or float16 is "

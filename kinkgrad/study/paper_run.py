@@ -145,6 +145,40 @@ class PaperConfig:
         ]
 
 
+def hardware() -> dict[str, Any]:
+    """What decides the rounding of this protocol's matmuls: CPU model and ISA level,
+    the BLAS / oneDNN torch was built with, one thread per chunk."""
+    import platform
+
+    import torch
+
+    model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import re
+
+    cfg = torch.__config__.show()
+    blas = {
+        k: m.group(1)
+        for k in ("BLAS_INFO", "LAPACK_INFO", "USE_MKLDNN", "USE_OPENMP")
+        if (m := re.search(rf"{k}=([^,\s]+)", cfg))
+    }
+    onednn = re.search(r"oneDNN v([\d.]+)", cfg)
+    if onednn:
+        blas["oneDNN"] = onednn.group(1)
+    return {
+        "cpu_model": model or platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "blas": blas,
+        "threads_per_chunk": 1,
+    }
+
+
 def chunk_id(task: dict[str, Any]) -> str:
     return f"{paper.Setting(**task['setting']).id}-i{task['start']}-{task['stop']}"
 
@@ -372,6 +406,7 @@ def run(
             "settings": cfg.settings(),
             "settings_hash": h,
             "environment": results.environment(),
+            "hardware": hardware(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "resumed_with_chunks": len(tasks) - len(todo),
         }
