@@ -312,3 +312,6 @@ def test_published_numbers_and_the_inside_column():
     assert ("float64", 3, 256, 64) not in R.PUBLISHED  # the batch sweep had no float64
     assert R._inside(0.463, 0.40, 0.50) == "yes" and R._inside(0.463, 0.0, 0.3) == "**no**"
     assert R._inside(1.0, 0.99, 1.0) == "yes"
+    assert R._inside(1.0, 0.99998, 0.9999999) == "**no**"  # extrapolations stay below 1
+    assert R._overlap(1.0, 0.99998, 0.9999999) == "yes"  # 1000/1000 has an interval too
+    assert R._overlap(0.463, 0.50, 0.60) == "**no**"  # [43.2%, 49.4%] misses [50%, 60%]

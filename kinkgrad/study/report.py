@@ -531,7 +531,11 @@ def write(directory: Path, records: list[dict[str, Any]], manifest: dict[str, An
         loaded = paper_report.paper_run.load(directory)
         paper_report.plot(loaded[1], directory / "plots" / "paper.png")
         figures = paper_figures + figures
-        blocks = blocks[:1] + section + [("h2", "Training in lockstep")] + blocks[1:]
+        title = (
+            "Does the derivative at the kink matter? kinkgrad study: the published experiment "
+            f"on {loaded[0].data}, training in lockstep on {manifest['settings']['data']}"
+        )
+        blocks = [("h1", title), *section, ("h2", "Training in lockstep"), *blocks[1:]]
     md, page = directory / "report.md", directory / "report.html"
     atomic_write(md, to_markdown(blocks))
     atomic_write(page, to_html(blocks, directory))
