@@ -14,7 +14,15 @@ from typing import Any
 
 from .._files import atomic_write
 from . import paper, paper_run, paper_stats
-from .render import Block, pct, sci, to_html, to_markdown
+from .render import Block, sci, to_html, to_markdown
+from .render import pct as _pct
+
+
+def pct(x: float, digits: int = 1) -> str:
+    """A share; just below 100% keeps enough digits not to read as 100% (extrapolations)."""
+    if x == x and 0.999 <= x < 1:
+        return f"{100 * x:.5f}".rstrip("0") + "%"
+    return _pct(x, digits)
 
 PAPER = "Bertoin et al., NeurIPS 2021"
 D0, W0, B0 = paper.DEFAULT_DEPTH, paper.DEFAULT_WIDTH, paper.DEFAULT_BATCH
