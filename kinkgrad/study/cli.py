@@ -200,7 +200,10 @@ def cli(argv: list[str] | None = None) -> int:
 
         if protocol == "paper" or not (out / "results.jsonl").exists():
             if paper_report.exists(out):
-                console_paths = paper_report.write(out)
+                # flags given with --report-only choose which settings to report
+                names = ("precisions", "inits", "depths", "widths", "batch_sizes")
+                grid = {n: getattr(pcfg, n) for n in names if getattr(args, n) is not None}
+                console_paths = paper_report.write(out, grid or None)
                 out_console.print(f"report: {console_paths[0]}", highlight=False)
                 return 0
     elif protocol != "lockstep" and int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -24,6 +24,7 @@ def pct(x: float, digits: int = 1) -> str:
         return f"{100 * x:.5f}".rstrip("0") + "%"
     return _pct(x, digits)
 
+
 PAPER = "Bertoin et al., NeurIPS 2021"
 D0, W0, B0 = paper.DEFAULT_DEPTH, paper.DEFAULT_WIDTH, paper.DEFAULT_BATCH
 
@@ -132,9 +133,10 @@ def _inside(value: float, lo: float, hi: float) -> str:
     return "yes" if lo - 1e-12 <= value <= hi + 1e-12 else "**no**"
 
 
-def blocks(directory: Path) -> tuple[list[Block], list[tuple[str, str, str]]]:
-    """The report section (blocks) and its figure, from the results in `directory`."""
-    loaded = paper_run.load(directory)
+def blocks(directory: Path, grid=None) -> tuple[list[Block], list[tuple[str, str, str]]]:
+    """The report section (blocks) and its figure, from the results in `directory`
+    (`grid`: see `paper_run.load`)."""
+    loaded = paper_run.load(directory, grid)
     if loaded is None:
         return [], []
     cfg, rows, chunks = loaded
@@ -483,10 +485,10 @@ def _on_axis(r: dict[str, Any], axis: str) -> bool:
     return all(r[a] == v for a, v in centre.items() if a != axis)
 
 
-def write(directory: Path) -> list[Path]:
+def write(directory: Path, grid: dict[str, Any] | None = None) -> list[Path]:
     """A report of the paper protocol alone (report.md, report.html, plots/paper.png)."""
-    section, _ = blocks(directory)
-    loaded = paper_run.load(directory)
+    section, _ = blocks(directory, grid)
+    loaded = paper_run.load(directory, grid)
     if loaded:
         plot(loaded[1], directory / "plots" / "paper.png")
     doc = [("h1", "Does ReLU'(0) matter? kinkgrad study, paper protocol"), *section]

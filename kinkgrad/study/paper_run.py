@@ -448,13 +448,16 @@ def run(
 
 
 def load(
-    directory: Path,
+    directory: Path, grid: dict[str, Any] | None = None
 ) -> tuple[PaperConfig, list[dict[str, Any]], dict[str, dict[str, Any]]] | None:
-    """(config, rows, chunks by id) saved in `directory`, or None when it has none."""
+    """(config, rows, chunks by id) saved in `directory`, or None when it has none.
+
+    `grid` (precisions, depths, widths, batch_sizes, inits) replaces the saved run's, to
+    report other settings of the same study (e.g. two runs into one directory)."""
     m = read_manifest(directory)
     if m is None:
         return None
-    c = m["config"]
+    c = {**m["config"], **(grid or {})}
     cfg = PaperConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
     store = ChunkStore(directory)
     store.load()
