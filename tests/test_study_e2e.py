@@ -63,7 +63,8 @@ def test_quick_study_end_to_end(tmp_path):
     assert len((out / "results.csv").read_text().splitlines()) == 1 + len(recs)
     md = (out / "report.md").read_text()
     assert md.startswith("# Does the derivative at the kink matter?")
-    assert "**Answer in numbers.**" in md.split("\n## ")[0]
+    lockstep = md.split("\n## Training in lockstep")[1]  # after the paper protocol's section
+    assert "**Answer in numbers.**" in lockstep.split("\n## ")[0]
     assert "Compared with published figures" in md and "Bertoin" in md
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 6 and "<table>" in page

@@ -131,7 +131,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float)
     g = p.add_argument_group("running")
     g.add_argument("--config", metavar="FILE", help="TOML file with any of the settings above")
-    g.add_argument("--quick", action="store_true", help="the reduced CI grid (under 30 s)")
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help="the reduced CI grid (paper protocol: 10 initialisations per precision)",
+    )
     g.add_argument("--out", metavar="DIR", help="run directory (default: runs/study-DATA[-quick])")
     g.add_argument("--device", help=f"{' or '.join(DEVICES)} (default: cpu)")
     g.add_argument("--jobs", type=int, help="worker processes (default: one per CPU core)")
