@@ -58,7 +58,7 @@ def strip(rec: dict) -> dict:
     [
         (["--precisions", "float32,float8"], "precisions: unknown value 'float8'"),
         (["--epochs", "-1"], "epochs: expected an integer >= 1, got -1"),
-        (["--data", "mnist"], "data: unknown value 'mnist'"),
+        (["--data", "mnist2"], "data: unknown value 'mnist2'"),
         (["--kinks", "0,nan"], "not finite"),
         (["--kinks", "0,sideways"], "'sideways' is not allowed"),
         (["--ties", "first,random"], "'random' is not allowed"),

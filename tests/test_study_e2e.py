@@ -63,10 +63,16 @@ def test_quick_study_end_to_end(tmp_path):
     assert len((out / "results.csv").read_text().splitlines()) == 1 + len(recs)
     md = (out / "report.md").read_text()
     assert md.startswith("# Does the derivative at the kink matter?")
-    assert "**Answer in numbers.**" in md.split("\n## ")[0]
+    lockstep = md.split("\n## Training in lockstep")[1]  # after the paper protocol's section
+    assert "**Answer in numbers.**" in lockstep.split("\n## ")[0]
     assert "Compared with published figures" in md and "Bertoin" in md
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5 and "<table>" in page
+    assert page.count("data:image/png;base64,") == 6 and "<table>" in page
+    # the paper protocol ran too, and its section leads the report
+    rows = json.loads((out / "paper.json").read_text())
+    assert sorted(r["precision"] for r in rows) == sorted(config.PRECISIONS)
+    assert all(r["inits"] == 10 and r["samples_per_pass"] == 5000 for r in rows)
+    assert md.split("\n## ")[1].startswith("The published experiment")
     for name in ("bifurcation", "kink_hits", "divergence", "accuracy", "crossings"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 10_000
     assert "Does the derivative at the kink matter?" in p.stdout  # summary table
@@ -82,7 +88,8 @@ def test_quick_study_end_to_end(tmp_path):
 @pytest.mark.slow  # ~10 s; the in-process interrupt test covers resume by default
 def test_kill_9_then_resume(tmp_path):
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "kinkgrad.study", "--models", "mlp", "--bias", "fused"]
+    args = [sys.executable, "-m", "kinkgrad.study", "--protocol", "lockstep", "--models", "mlp"]
+    args += ["--bias", "fused"]
     args += ["--batchnorm", "off", "--seeds", "0,1", "--epochs", "1", "--jobs", "1"]
     args += ["--train-size", "320", "--out", str(out)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

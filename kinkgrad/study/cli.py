@@ -97,6 +97,21 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--bias", type=_list(), help=f"of {', '.join(BIAS_MODES)} (default: both)")
     g.add_argument("--batchnorm", type=_list(_onoff), help="of off, on (default: both)")
     g.add_argument("--seeds", type=_list(int), help="seeds (default: 0,1,2)")
+    g = p.add_argument_group("paper protocol (Bertoin et al. 2021, section 3; see paper.py)")
+    g.add_argument(
+        "--protocol",
+        choices=("both", "paper", "lockstep"),
+        help="paper: the published bifurcation experiment (frozen weights, one pass, "
+        "share of initialisations in S); lockstep: paired training runs; both (default)",
+    )
+    g.add_argument("--inits", type=int, help="initialisations per setting (default: 200; "
+                   "the paper: 1000)")
+    g.add_argument("--depths", type=_list(int), help="hidden layers (default: 3; the paper "
+                   "sweeps 1,2,3,5,6)")
+    g.add_argument("--widths", type=_list(int), help="hidden units (default: 256; the paper "
+                   "sweeps 16,64,256,512,1024)")
+    g.add_argument("--batch-sizes", type=_list(int), help="minibatch sizes of the paper "
+                   "protocol (default: 256; the paper sweeps 16,64,256,512,1024)")
     g = p.add_argument_group("policies")
     g.add_argument(
         "--kinks",
@@ -131,7 +146,11 @@ def parser() -> argparse.ArgumentParser:
         help="skip the one-ulp noise-floor run",
     )
     g = p.add_argument_group("training")
-    g.add_argument("--data", help=f"{' or '.join(DATASETS)} (default: digits)")
+    g.add_argument(
+        "--data",
+        help=f"{' or '.join(DATASETS)}, for every protocol (default: mnist for the paper "
+        "protocol, digits for the lockstep study)",
+    )
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--width", type=int, help="MLP hidden units")
@@ -143,7 +162,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float)
     g = p.add_argument_group("running")
     g.add_argument("--config", metavar="FILE", help="TOML file with any of the settings above")
-    g.add_argument("--quick", action="store_true", help="the reduced CI grid (under 30 s)")
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help="the reduced CI grid (paper protocol: 10 initialisations per precision)",
+    )
     g.add_argument("--out", metavar="DIR", help="run directory (default: runs/study-DATA[-quick])")
     g.add_argument("--device", help=f"{' or '.join(DEVICES)} (default: cpu)")
     g.add_argument("--jobs", type=int, help="worker processes (default: one per CPU core)")
@@ -208,13 +231,31 @@ def cli(argv: list[str] | None = None) -> int:
         cfg = build(settings_from(args), quick=args.quick)
         if args.out is not None and not args.out.strip():
             raise ConfigError("--out: the directory name is empty; give a directory")
-        out = Path(args.out or f"runs/study-{cfg.data}{'-quick' if cfg.quick else ''}")
+        protocol = args.protocol or "both"
+        pcfg = _paper_config(args, cfg)
+        name = {"both": "study", "paper": "study-paper", "lockstep": f"study-{cfg.data}"}[protocol]
+        out = Path(args.out or f"runs/{name}{'-quick' if cfg.quick else ''}")
         if not args.report_only:
             usable_out(out)
     except ConfigError as e:
         _say(err, "error", e)
         return EXIT_CONFIG
     os.environ["KINKGRAD_STUDY_COMMAND"] = " ".join(["kinkgrad study", *argv])
+    if args.report_only:
+        from . import paper_report
+
+        if protocol == "paper" or not (out / "results.jsonl").exists():
+            if paper_report.exists(out):
+                # flags given with --report-only choose which settings to report
+                names = ("precisions", "inits", "depths", "widths", "batch_sizes")
+                grid = {n: getattr(pcfg, n) for n in names if getattr(args, n) is not None}
+                console_paths = paper_report.write(out, grid or None)
+                out_console.print(f"report: {console_paths[0]}", highlight=False)
+                return 0
+    elif protocol != "lockstep" and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        code = _paper(pcfg, out, args, out_console, err)
+        if code or protocol == "paper":
+            return code
 
     dist_rank = _init_distributed(cfg)
     previous = _install(signal.SIGTERM, _on_sigterm)
@@ -270,6 +311,86 @@ def usable_out(out: Path) -> None:
                 f"--out: {str(out / name)!r} is not a regular file; move it away or use "
                 "another --out"
             )
+
+
+def _paper_config(args, cfg):
+    """The paper protocol's settings from the flags (shared: precisions, data, seeds, jobs)."""
+    from .paper_run import QUICK_INITS, PaperConfig
+
+    values: dict[str, Any] = {"jobs": cfg.jobs}
+    if args.precisions:
+        values["precisions"] = tuple(args.precisions)
+    if args.data:
+        values["data"] = args.data
+    if args.seeds:
+        values["seed"] = args.seeds[0]
+    if args.train_size:
+        values["train_size"] = args.train_size
+    if args.quick:
+        values["inits"] = QUICK_INITS
+    for name in ("inits", "depths", "widths", "batch_sizes"):
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = tuple(v) if isinstance(v, list) else v
+    pcfg = PaperConfig(**values)
+    pcfg.validate()
+    return pcfg
+
+
+def _paper(pcfg, out: Path, args, console, err) -> int:
+    """Run (or, with --report-only, report) the paper protocol into `out`."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from . import paper_report, paper_run, results
+
+    log = lambda msg: err.print(msg, highlight=False)
+    warn = lambda msg: err.print(f"[yellow]warning:[/] {msg}", highlight=False)
+    n = len(pcfg.grid())
+    log(
+        f"kinkgrad study, paper protocol: {n} settings x {pcfg.inits} initialisations on "
+        f"{pcfg.data} -> {out}"
+    )
+    bar = Progress(
+        TextColumn("[bold]paper[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=err,
+    )
+    try:
+        with bar:
+            task = bar.add_task("", total=len(pcfg.tasks()))
+            rows, manifest = paper_run.run(
+                pcfg, out, log=log, warn=warn, overwrite=args.overwrite,
+                progress=lambda k, total: bar.update(task, completed=k),
+            )
+    except results.LockedError as e:
+        _say(err, "refused", e)
+        return EXIT_LOCKED
+    except ConfigError as e:
+        _say(err, "error", e)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        err.print(
+            f"\n[bold yellow]interrupted:[/] the finished chunks are saved in {out}; run the "
+            "same command again to finish the rest",
+            highlight=False,
+        )
+        return EXIT_INTERRUPTED
+    paper_report.print_table(rows, console)
+    console.print(
+        f"paper protocol: {manifest['wall_seconds']:.1f} s wall clock, {manifest['jobs']} "
+        f"worker(s); {out / paper_run.ROWS}",
+        highlight=False,
+    )
+    if (args.protocol or "both") == "paper":
+        paths = paper_report.write(out)
+        console.print(f"report: {paths[0]}", highlight=False)
+    return 0
 
 
 def _lead(cfg, out: Path, args, console, err) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 MODELS = ("mlp", "cnn")
 PRECISIONS = ("float64", "float32", "bfloat16", "float16")
 BIAS_MODES = ("fused", "separate")
-DATASETS = ("digits", "mnist1d")
+DATASETS = ("digits", "mnist", "mnist1d")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("cpu", "cuda")
 EXECUTORS = ("local", "ray")

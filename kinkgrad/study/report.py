@@ -1,15 +1,13 @@
 """The study's report: Markdown, and self-contained HTML with the plots embedded.
 
-The report is built once as a list of blocks (heading, paragraph, list, table, image)
-and rendered twice, so the two versions always say the same thing.
+The report is built once as a list of blocks (`render.py`) and rendered twice. When the
+run directory holds paper-protocol results (`paper.json`), their section comes first
+(`paper_report.py`).
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,47 +15,11 @@ from .._files import atomic_write
 from . import analysis as A
 from . import plots
 from .config import PRECISIONS
-
-Block = tuple  # ("h1"|"h2"|"p"|"ul"|"table"|"img", ...)
+from .render import Block, count, pct, pm, sci, to_html, to_markdown
+from .report_certified import _seeds_text, certified_headline, certified_tables
 
 PAPER = "Bertoin et al., NeurIPS 2021"
 BOUSTANY = "Boustany, TMLR 2024"
-
-
-# --------------------------------------------------------------------------------------
-# number formatting
-# --------------------------------------------------------------------------------------
-
-
-def pct(x: float, digits: int = 1) -> str:
-    if x is None or x != x:
-        return "n/a"
-    if 0 < x < 0.001:
-        return "<0.1%"
-    return f"{100 * x:.{digits}f}%"
-
-
-def pm(ms: tuple[float, float, int], digits: int = 2) -> str:
-    m, sd, n = ms
-    if not n:
-        return "n/a"
-    return f"{m:+.{digits}f} ± {sd:.{digits}f}"
-
-
-def sci(x: float) -> str:
-    if x is None or x != x:
-        return "n/a"
-    if x == 0:
-        return "0"
-    return f"{x:.2g}" if abs(x) < 1e-2 or abs(x) >= 1e4 else f"{x:.3g}"
-
-
-def count(n: int) -> str:
-    if n >= 10_000_000:
-        return f"{n / 1e6:.0f}M"
-    if n >= 1_000_000:
-        return f"{n / 1e6:.1f}M"
-    return f"{n:,}"
 
 
 def per_million(hits: dict[str, dict[str, int]], kind: str) -> str:
@@ -109,11 +71,11 @@ def build(records: list[dict[str, Any]], manifest: dict[str, Any], figures) -> l
         ),
     ]
     bullets = _headline(records, cells, by_pm, alt, alt_label, models, precisions, watch)
-    bullets += _certified_headline(records, models, precisions)
+    bullets += certified_headline(records, models, precisions)
     blocks.append(("ul", bullets))
     blocks += _comparison(records, cells, by_pm, alt, models, precisions, watch)
     blocks += _tables(records, alt, models, precisions, watch)
-    blocks += _certified_tables(records, models, precisions)
+    blocks += certified_tables(records, models, precisions)
     blocks.append(("h2", "Plots"))
     for name, title, caption in figures:
         blocks.append(("h3", title))
@@ -196,214 +158,6 @@ def _headline(records, cells, by_pm, alt, alt_label, models, precisions, watch) 
     )
     bullets.append("**Verdict**: " + _verdicts(cells, by_pm, models, precisions))
     return bullets
-
-
-def _num(x: float) -> str:
-    if x != x:
-        return "n/a"
-    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
-
-
-def _seeds_text(records: list[dict[str, Any]], name: str) -> str:
-    with_run = sorted({r["key"]["seed"] for r in records if name in r.get("certified", {})})
-    every = sorted({r["key"]["seed"] for r in records})
-    if with_run == every:
-        return "every configuration"
-    return f"seed {', '.join(map(str, with_run))} of every configuration"
-
-
-def _certified_headline(records, models, precisions) -> list[str]:
-    """The opening bullet on certified gradients and the linear region of SGD steps."""
-    out = []
-    for name in A.certified_names(records):
-        rs = [r for r in records if name in r.get("certified", {})]
-        if not any(r["certified"][name].get("measured_steps") for r in rs):
-            continue
-        label = rs[0]["policies"][name]
-        cells = {
-            (m, p): A.certified_cell(_sel(rs, m, p), name)
-            for m in models
-            for p in precisions
-            if _sel(rs, m, p)
-        }
-        pooled = {m: A.certified_cell(_sel(rs, m), name) for m in models if _sel(rs, m)}
-        ps = {m: [p for p in precisions if (m, p) in cells] for m in pooled}
-        steps = sum(c["measured_steps"] for c in pooled.values())
-        stayed = sum(c["measured_steps"] - c["crossing_steps"] for c in pooled.values())
-        if stayed == 0:
-            stay = f"none of the {count(steps)} measured, in any model and precision"
-        else:
-            stay = "; ".join(
-                f"{m.upper()} "
-                + ", ".join(f"{p} {pct(cells[(m, p)]['stay_share'])}" for p in ps[m])
-                for m in pooled
-            )
-        cross = "; ".join(
-            f"{m.upper()} "
-            + ", ".join(f"{p} {_num(cells[(m, p)]['crossings_mean'])}" for p in ps[m])
-            + f" (at most {_num(c['crossings_max'])})"
-            for m, c in pooled.items()
-        )
-        radius, flips = [], []
-        for m, c in pooled.items():
-            radius.append(f"{m.upper()} {pct(c['radius_median'])}")
-            if c["relu_crossing_rate"] == c["relu_crossing_rate"]:
-                flips.append(
-                    f"{m.upper()} {_num(c['relu_crossings_mean'])} of "
-                    f"{count(round(c['relu_sites_per_step']))} ({pct(c['relu_crossing_rate'])})"
-                )
-        every = sorted({r["certified"][name].get("crossings_every") for r in rs})
-        when = "every step" if every == [1] else f"every {'/'.join(map(str, every))}th step"
-        text = (
-            "**Does an SGD step stay within the linear region?** A run trained with certified "
-            f"gradients (`{label}`: `kinkgrad.certified_backward` instead of `loss.backward()`, "
-            f"in lockstep with the others, {_seeds_text(records, name)}) counted at {when} "
-            "the kinks its update crosses (`kinkgrad.kink_crossings` along new minus old "
-            "weights: ReLU inputs reaching 0, max-pool maxima changing hands). Steps that "
-            f"cross no kink: {stay}. Kinks crossed per step, mean: {cross}. The first kink "
-            "is reached after (median) " + ", ".join(radius) + " of the step"
-        )
-        if stayed < steps:
-            text += (
-                ": only that far does the network stay on one piece, where the loss is "
-                "smooth and the gradient's first-order model applies"
-            )
-            if flips:
-                text += (
-                    "; yet over the whole step few inputs change piece: the ReLU inputs that "
-                    "cross 0 are, per minibatch, " + ", ".join(flips)
-                )
-        text += ". Certification: " + "; ".join(
-            f"{m.upper()} {_cert_text(c)}" for m, c in pooled.items()
-        )
-        out.append(text + ".")
-    return out
-
-
-def _sel(records, model: str, precision: str | None = None) -> list[dict[str, Any]]:
-    return [
-        r
-        for r in records
-        if r["key"]["model"] == model and (precision is None or r["key"]["precision"] == precision)
-    ]
-
-
-def _cert_text(c: dict[str, Any]) -> str:
-    n, ok = c["steps"], c["certified_steps"]
-    hits = c["kinks_hit"]
-    if ok == n:
-        text = f"all {count(n)} steps certified"
-        return text + (f" ({count(hits)} exact kink hits, all decided)" if hits else "")
-    text = f"{count(ok)} of {count(n)} steps certified"
-    bad = []
-    if c["uncertified_unresolved"]:
-        ops = ", ".join(f"{op} {count(k)}" for op, k in sorted(c["undecided_by_op"].items()))
-        bad.append(
-            f"{count(c['uncertified_unresolved'])} had undecided kinks ({count(c['unresolved'])} "
-            f"of {count(hits)} exact hits{': ' + ops if ops else ''}; their inputs do not move "
-            f"along any of the {c['max_directions']} directions tried, so no direction "
-            "decides them)"
-        )
-    if c["uncertified_jumps"]:
-        bad.append(f"{count(c['uncertified_jumps'])} had a jump op on its jump")
-    return text + ("; " + ", ".join(bad) if bad else "")
-
-
-def _certified_tables(records, models, precisions) -> list[Block]:
-    names = A.certified_names(records)
-    if not names:
-        return []
-    blocks: list[Block] = [("h2", "Certified gradients and the kinks an SGD step crosses")]
-    for name in names:
-        rs = [r for r in records if name in r.get("certified", {})]
-        label = rs[0]["policies"][name]
-        rows = []
-        for (m, p, b, bn), group in A.group(rs, "model", "precision", "bias", "batchnorm").items():
-            c = A.certified_cell(group, name)
-            pairs = [r["pairs"][name] for r in group if name in r["pairs"]]
-            differ = sum(q.get("same_weights_differ", 0) for q in pairs)
-            steps = sum(r["steps"] for r in group)
-            rows.append(
-                [
-                    m.upper(),
-                    p,
-                    b,
-                    "yes" if bn else "no",
-                    str(c["configs"]),
-                    f"{count(c['certified_steps'])} / {count(c['steps'])}",
-                    f"{count(c['uncertified_unresolved'])} / {count(c['uncertified_jumps'])}",
-                    count(c["kinks_hit"]),
-                    f"{_num(c['crossings_mean'])} / {_num(c['crossings_max'])}",
-                    pct(c["crossing_share"]),
-                    sci(c["radius_median"]),
-                    pct(differ / steps) if steps and pairs else "n/a",
-                    _pm1(A.mean_sd(100 * q["acc_delta"] for q in pairs)),
-                ]
-            )
-        blocks += [
-            (
-                "p",
-                f"`{label}`: trained with `kinkgrad.certified_backward` (directions seeded from "
-                "the configuration's seed and the step) in lockstep with the other runs. "
-                "'certified': steps whose gradient was certified (every kink met decided by a "
-                "direction, no jump op on its jump); 'not certified': steps with kinks no "
-                "direction decided / with a jump op on its jump. An undecided kink is one whose "
-                "input does not move along any direction tried (an element on a kink with a "
-                "zero tangent, tied inputs with equal tangents) and keeps PyTorch's choice"
-                + _undecided_note(A.certified_cell(rs, name))
-                + ". With probability one over the random directions such a kink does not "
-                "change the gradient, but that cannot be proven from tangents, so the step is "
-                "not reported as certified. 'kink hits': elements exactly on a kink (ReLU "
-                "inputs at 0, tied "
-                "max-pool windows) that the certified gradient met. 'crossed': kinks crossed "
-                "by the SGD step along the update it applied (mean / max per step), and the "
-                "share of steps crossing at least one. 'radius': the fraction of the step "
-                "after which the first kink is reached, median over steps (>= 1 would mean "
-                "the whole step stays on one linear piece). 'gradient changed': share of "
-                "minibatches whose certified gradient differs bitwise from the reference "
-                "policy's at the same weights. Δacc: final test accuracy minus the reference "
-                "run's, points.",
-            ),
-            (
-                "table",
-                [
-                    "model",
-                    "precision",
-                    "bias",
-                    "BN",
-                    "configs",
-                    "certified",
-                    "not certified (undecided / jump)",
-                    "kink hits",
-                    "crossed per step (mean / max)",
-                    "steps crossing >= 1",
-                    "radius / step (median)",
-                    "gradient changed",
-                    "Δacc (points)",
-                ],
-                rows,
-            ),
-        ]
-    return blocks
-
-
-def _undecided_note(c: dict[str, Any]) -> str:
-    undecided = c.get("undecided_by_op") or {}
-    total = sum(undecided.values())
-    pool = sum(n for op, n in undecided.items() if "pool" in op)
-    if not total or not pool:
-        return ""
-    share = "all" if pool == total else pct(pool / total, 0)
-    return (
-        f"; here {share} of them are max-pool windows whose tied inputs have equal tangents "
-        "along every direction tried (for example windows of ReLU outputs that are all 0, "
-        "which do not move at all; frequent on the digits' blank background)"
-    )
-
-
-def _pm1(ms: tuple[float, float, int]) -> str:
-    """mean ± sd, or the value alone for one configuration."""
-    return f"{ms[0]:+.2f}" if ms[2] == 1 else pm(ms)
 
 
 def _kind(c: dict[str, Any], precision: str) -> str:
@@ -764,86 +518,22 @@ def _setup(records, manifest, cfg, settings, alt_label, ref_label) -> list[Block
     return [("h2", "How this was measured"), ("ul", lines)]
 
 
-# --------------------------------------------------------------------------------------
-# rendering
-# --------------------------------------------------------------------------------------
-
-
-def to_markdown(blocks: list[Block]) -> str:
-    out = []
-    for b in blocks:
-        kind = b[0]
-        if kind in ("h1", "h2", "h3"):
-            out.append("#" * int(kind[1]) + " " + b[1])
-        elif kind == "p":
-            out.append(b[1])
-        elif kind == "ul":
-            out.append("\n".join(f"- {item}" for item in b[1]))
-        elif kind == "table":
-            header, rows = b[1], b[2]
-            esc = lambda s: str(s).replace("|", "\\|")
-            lines = ["| " + " | ".join(map(esc, header)) + " |"]
-            lines.append("|" + "|".join("---" for _ in header) + "|")
-            lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
-            out.append("\n".join(lines))
-        elif kind == "img":
-            out.append(f"![{b[2]}]({b[1]})")
-    return "\n\n".join(out) + "\n"
-
-
-def _inline(text: str) -> str:
-    t = html.escape(text, quote=False)
-    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
-    t = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", t)
-    t = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', t)
-    return t
-
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;
-margin:2em auto;padding:0 1em;line-height:1.45;color:#222}
-h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:.86em;margin:1em 0}
-th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}
-th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}
-code{background:#f3f3f3;padding:0 .2em;border-radius:3px}
-img{max-width:100%;border:1px solid #eee}li{margin:.3em 0}
-"""
-
-
-def to_html(blocks: list[Block], root: Path) -> str:
-    title = next((b[1] for b in blocks if b[0] == "h1"), "kinkgrad study")
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
-    ]
-    for b in blocks:
-        kind = b[0]
-        if kind in ("h1", "h2", "h3"):
-            out.append(f"<{kind}>{_inline(b[1])}</{kind}>")
-        elif kind == "p":
-            out.append(f"<p>{_inline(b[1])}</p>")
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b[1]) + "</ul>")
-        elif kind == "table":
-            head = "".join(f"<th>{_inline(h)}</th>" for h in b[1])
-            body = "".join(
-                "<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in row) + "</tr>"
-                for row in b[2]
-            )
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif kind == "img":
-            data = base64.b64encode((root / b[1]).read_bytes()).decode()
-            out.append(f'<p><img alt="{html.escape(b[2])}" src="data:image/png;base64,{data}"></p>')
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
 def write(directory: Path, records: list[dict[str, Any]], manifest: dict[str, Any]) -> list[Path]:
     """Plots, report.md and report.html into `directory`; returns the paths written."""
+    from . import paper_report
+
     figures = plots.make_all(records, directory / "plots")
     blocks = build(records, manifest, figures)
+    section, paper_figures = paper_report.blocks(directory)
+    if section:  # the published experiment first, right under the title
+        loaded = paper_report.paper_run.load(directory)
+        paper_report.plot(loaded[1], directory / "plots" / "paper.png")
+        figures = paper_figures + figures
+        title = (
+            "Does the derivative at the kink matter? kinkgrad study: the published experiment "
+            f"on {loaded[0].data}, training in lockstep on {manifest['settings']['data']}"
+        )
+        blocks = [("h1", title), *section, ("h2", "Training in lockstep"), *blocks[1:]]
     md, page = directory / "report.md", directory / "report.html"
     atomic_write(md, to_markdown(blocks))
     atomic_write(page, to_html(blocks, directory))
