@@ -109,3 +109,18 @@ def test_ray_study_is_bit_identical_to_the_local_one(local_ray, tmp_path):
     # A resumed Ray study runs nothing and gives the same records.
     again, manifest = run(ray_out, executor="ray")
     assert again == local and manifest["resumed_with"] == 2
+
+
+def test_ray_paper_protocol_is_bit_identical_to_the_local_one(local_ray, tmp_path):
+    from kinkgrad.study import paper_run
+
+    cfg = paper_run.PaperConfig(
+        precisions=("bfloat16",), widths=(16,), inits=30, train_size=256, jobs=1
+    )
+    quiet = dict(log=lambda m: None, warn=lambda m: None)
+    local, _ = paper_run.run(cfg, tmp_path / "local", **quiet)
+    remote, manifest = paper_run.run(cfg, tmp_path / "ray", executor="ray", **quiet)
+    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+    assert strip(remote) == strip(local) and manifest["executor"] == "ray"
+    # two chunks ran as Ray tasks; only the driver wrote them, one line each
+    assert len((tmp_path / "ray" / paper_run.CHUNKS).read_text().splitlines()) == 2

@@ -253,7 +253,7 @@ def cli(argv: list[str] | None = None) -> int:
                 out_console.print(f"report: {console_paths[0]}", highlight=False)
                 return 0
     elif protocol != "lockstep" and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        code = _paper(pcfg, out, args, out_console, err)
+        code = _paper(pcfg, cfg, out, args, out_console, err)
         if code or protocol == "paper":
             return code
 
@@ -337,7 +337,7 @@ def _paper_config(args, cfg):
     return pcfg
 
 
-def _paper(pcfg, out: Path, args, console, err) -> int:
+def _paper(pcfg, cfg, out: Path, args, console, err) -> int:
     """Run (or, with --report-only, report) the paper protocol into `out`."""
     from rich.progress import (
         BarColumn,
@@ -367,6 +367,7 @@ def _paper(pcfg, out: Path, args, console, err) -> int:
             rows, manifest = paper_run.run(
                 pcfg, out, log=log, warn=warn, overwrite=args.overwrite,
                 progress=lambda k, total: bar.update(task, completed=k),
+                executor=cfg.executor, address=cfg.ray_address or None,
             )
     except results.LockedError as e:
         _say(err, "refused", e)

@@ -369,7 +369,10 @@ def _findings(rows, info, misses, manifest) -> list[Block]:
     hw = manifest.get("hardware") or {}
     where = hw.get("cpu_model") or env.get("processor") or env.get("machine") or "this CPU"
     if hw.get("cpu_capability"):
-        where += f", {hw['cpu_capability']}, BLAS {(hw.get('blas') or {}).get('BLAS_INFO', '?')}"
+        blas = hw.get("blas") or "?"
+        if isinstance(blas, dict):  # manifests written before hardware.describe
+            blas = blas.get("BLAS_INFO", "?")
+        where += f", {hw['cpu_capability']}, BLAS {blas}"
     items.append(
         "Which results depend on the hardware: every share in S and every zero rate above "
         "except float64's. An exact 0 at a ReLU input in float32, bfloat16 or float16 is "

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import signal
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._files import atomic_write
-from . import paper, paper_stats, results
+from . import executors, paper, paper_stats, results
 from .config import ConfigError
 
 CHUNKS = "paper_chunks.jsonl"
@@ -143,40 +142,6 @@ class PaperConfig:
             for s in (settings or self.grid())
             for start in range(0, self.inits, CHUNK)
         ]
-
-
-def hardware() -> dict[str, Any]:
-    """What decides the rounding of this protocol's matmuls: CPU model and ISA level,
-    the BLAS / oneDNN torch was built with, one thread per chunk."""
-    import platform
-
-    import torch
-
-    model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import re
-
-    cfg = torch.__config__.show()
-    blas = {
-        k: m.group(1)
-        for k in ("BLAS_INFO", "LAPACK_INFO", "USE_MKLDNN", "USE_OPENMP")
-        if (m := re.search(rf"{k}=([^,\s]+)", cfg))
-    }
-    onednn = re.search(r"oneDNN v([\d.]+)", cfg)
-    if onednn:
-        blas["oneDNN"] = onednn.group(1)
-    return {
-        "cpu_model": model or platform.processor() or platform.machine(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "blas": blas,
-        "threads_per_chunk": 1,
-    }
 
 
 def chunk_id(task: dict[str, Any]) -> str:
@@ -333,10 +298,6 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, old)
 
 
-def _worker_init() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _jobs(cfg: PaperConfig, todo: int) -> int:
     n = cfg.jobs or (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -363,8 +324,13 @@ def run(
     warn: Callable[[str], None],
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
+    executor: str = "local",
+    address: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run every chunk of `cfg` not yet in `out`; write paper.json; return (rows, manifest).
+
+    Chunks run where `executor` says (`executors.make`: "local" or "ray" at `address`);
+    whatever runs them, only this process writes `out`.
 
     Raises ConfigError when `out` holds paper results made with other settings (unless
     `overwrite`), results.LockedError when another study holds `out`.
@@ -400,13 +366,16 @@ def run(
         done = store.done(h)
         tasks = cfg.tasks()
         todo = [t for t in tasks if chunk_id(t) not in done]
+        env = results.environment()
+        # What decides the rounding of the matmuls, and that every chunk runs on one thread.
+        hardware = {**env.pop("hardware"), "threads_per_chunk": 1}
         manifest = {
             "protocol": "paper",
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
             "settings": cfg.settings(),
             "settings_hash": h,
-            "environment": results.environment(),
-            "hardware": hardware(),
+            "environment": env,
+            "hardware": hardware,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "resumed_with_chunks": len(tasks) - len(todo),
         }
@@ -424,20 +393,13 @@ def run(
         jobs = _jobs(cfg, len(todo))
         manifest["jobs"] = jobs
         todo.sort(key=_cost, reverse=True)
-        if jobs > 1:
-            pool = mp.get_context("spawn").Pool(jobs, initializer=_worker_init)
-            try:
-                for rec in pool.imap_unordered(paper.run_chunk, todo):
+        manifest["executor"] = executor
+        try:
+            with executors.make(executor, jobs, address) as ex:
+                for _, rec in ex.map_unordered(paper.run_chunk, todo):
                     finished(rec)
-                pool.close()
-            except BaseException:
-                pool.terminate()
-                raise
-            finally:
-                pool.join()
-        else:
-            for t in todo:
-                finished(paper.run_chunk(t))
+        except executors.ExecutorError as e:
+            raise ConfigError(str(e)) from None
         final = rows(cfg, store.done(h))
         write_rows(out, final)
         manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
