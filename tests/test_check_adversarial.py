@@ -53,3 +53,64 @@ def test_relu_sum_vertices_still_pass_in_high_dimension_through_the_hull(n, relu
             lambda x: torch.relu(x).sum(), torch.zeros(n, dtype=D, requires_grad=True), seed=0
         )
     assert rep.verdict == "passed" and rep.decided_by == "Clarke hull", str(rep)
+
+
+def x64(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=D, requires_grad=True)
+
+
+@pytest.mark.parametrize(
+    "name, f, at",
+    [
+        ("1e-9 jump on slope 1", lambda x: (x + 1e-9 * (x > 0)).sum(), 0.0),
+        ("1e-3 jump on 1e6 x", lambda x: (1e6 * x + 1e-3 * (x > 0)).sum(), 0.0),
+        ("1e-3 jump at x = 1e6", lambda x: (x + 1e-3 * (x > 1e6)).sum(), 1e6),
+    ],
+)
+def test_small_jumps_under_a_slope_fail(name, f, at):
+    """The old jump test compared raw increments f(x + t d) - f(x) at t = 1e-6, 1e-8,
+    1e-10: a jump J below the slope's share s t there went unseen, and its noise floor
+    (1e6 x 16 ulps of f) hid 1e-3 on a function of size 1e6; all three PASSED as
+    "differentiable". Now the linear part is removed from pairs of steps ((a inc(b) -
+    b inc(a)) / (a - b) = J + O(ab)), which is constant only for a jump."""
+    for seed in range(3):
+        rep = kg.check(f, x64(at), seed=seed)
+        assert rep.verdict == "failed" and rep.decided_by == "discontinuity", (name, str(rep))
+
+
+@pytest.mark.parametrize(
+    "name, f",
+    [
+        ("tanh(1e12 x)", lambda x: torch.tanh(1e12 * x).sum()),
+        ("tanh(1e6 x)", lambda x: torch.tanh(1e6 * x).sum()),
+        ("clamp(1e12 x)", lambda x: torch.clamp(1e12 * x, -1, 1).sum()),
+        # a steep rise just beyond x; g = 0 is its gradient at x
+        ("clamp(1e12 (x - 1e-11), 0, 1)", lambda x: torch.clamp(1e12 * (x - 1e-11), 0, 1).sum()),
+        ("relu(x - 1e-11)", lambda x: torch.relu(x - 1e-11).sum()),
+    ],
+)
+def test_steep_continuous_functions_with_their_gradient_never_fail(name, f):
+    """Smooth or continuous functions, steeper than the smallest step sees, with
+    backprop's (right) gradient: the old check FAILED tanh(1e12 x) ("discontinuous"),
+    tanh(1e6 x) ("one variable": differences at h >= 5e-7 "converged" to 2000 with an
+    error estimate of 1000) and the steep rise at 1e-11 ("discontinuous"). Now: a jump
+    is no certificate when g's own slope could carry f across it within t_min, or when
+    it fades at a smaller step (then it is beyond x); a difference estimate must agree
+    with the extrapolate at its smallest steps."""
+    for seed in range(3):
+        rep = kg.check(f, x64(0.0), seed=seed)
+        assert rep.verdict != "failed", (name, str(rep))
+
+
+@pytest.mark.parametrize("k", [1e5, 1e6])
+def test_a_gradient_a_little_off_on_a_steep_smooth_function_never_passes(k):
+    """tanh(k x) summed over 3 inputs at 0 (gradient k per input), g off by 0.1%:
+    gradients sampled at 1e-6 had moved by up to 58%, and their first-order correction,
+    used as tolerance, let g PASS as "the gradient". Sampled gradients are now refined
+    until two extrapolations agree, and none that never converges carries a pass."""
+    v = 1e-3 * k * torch.ones(3, dtype=D)
+    x0 = torch.zeros(3, dtype=D)
+    f = lambda x: torch.tanh(k * x).sum() + _nudge_at(x, x0, v)  # noqa: E731
+    for seed in range(3):
+        rep = kg.check(f, x0.clone().requires_grad_(), seed=seed)
+        assert rep.verdict != "passed", str(rep)
