@@ -53,8 +53,9 @@ composition of catalog ops and smooth torch ops is; Scholtes 2012):
 Limiting gradients are extrapolated from backprop's gradients at x + t d for t = 1e-6,
 1e-6 / 8, 1e-6 / 64 (times the scale of x, and within the linearization radius of the
 catalog ops met; smaller where they have not converged, and no pass rests on samples
-that never do: `Point.limit_grad`), each kept only when <G(d), d> matches the finite-difference f'(x; d): a kink of a
-non-catalog op (a Python branch) closer to x than that is not seen.
+that never do: `Point.limit_grad`), each kept only when <G(d), d> matches the
+finite-difference f'(x; d): a kink of a non-catalog op (a Python branch) closer to x
+than that is not seen.
 
 Tolerances: `rtol` (default 1000 ulps of g's dtype, within [1e-6, 1e-2]) times the
 magnitudes compared, plus the finite differences' own error estimates (Richardson
