@@ -188,6 +188,11 @@ def hull_projection(g: Tensor, samples: Sequence[Tensor]) -> tuple[float, Tensor
 
     G = torch.unique(torch.stack(list(samples)), dim=0).T.numpy()  # [n, k], repeats dropped
     b = g.numpy()
+    # in units of the largest entry: the sum-to-one row's weight is relative to 1, so
+    # gradients of size 1e-30 are fitted as well as gradients of size 1
+    unit = max(float(np.abs(G).max()), float(np.abs(b).max()))
+    unit = unit if unit > 0 and math.isfinite(unit) else 1.0
+    G, b = G / unit, b / unit
     weight = 1e3 * (1.0 + float(np.abs(G).max()) + float(np.abs(b).max()))
     A = np.vstack([G, weight * np.ones((1, G.shape[1]))])
     rhs = np.concatenate([b, [weight]])
@@ -201,7 +206,7 @@ def hull_projection(g: Tensor, samples: Sequence[Tensor]) -> tuple[float, Tensor
         lam[j] = 1.0
     lam = lam / lam.sum()
     p = G @ lam
-    return float(np.linalg.norm(p - b)), torch.from_numpy(p)
+    return float(np.linalg.norm(p - b)) * unit, torch.from_numpy(p * unit)
 
 
 # --------------------------------------------------------------------------------------
