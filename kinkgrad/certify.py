@@ -24,7 +24,8 @@ How it runs (the tangent pass only when needed):
    runs again with a further random direction, keeping earlier decisions: the
    lexicographic rule (Nesterov; Khan & Barton), at most `max_directions` directions
    (default `MAX_DIRECTIONS` = 2; 6 in half precision). What is left is *immaterial*:
-   on the piece entered, the inputs' gradients a_i satisfy <a_i - a_j, d> = 0 (ties) or <c, a> = 0 (an
+   on the piece entered, the inputs' gradients a_i satisfy <a_i - a_j, d> = 0 (ties) or
+   <c, a> = 0 (an
    elementwise kink with normal c; a continuous op's one-sided gradients differ by a
    multiple of c) for every direction d used, and for a random d, drawn from a density
    independently of the finitely many pieces, that happens only when the difference is
