@@ -24,20 +24,19 @@ How it runs (the tangent pass only when needed):
    runs again with a further random direction, keeping earlier decisions: the
    lexicographic rule (Nesterov; Khan & Barton), at most `max_directions` directions
    (default `MAX_DIRECTIONS` = 2; 6 in half precision). What is left is *immaterial*:
-   on the piece entered, the inputs' gradients a_i satisfy <a_i - a_j, d> = 0 (ties) or
-   <c, a> = 0 (an
-   elementwise kink with normal c; a continuous op's one-sided gradients differ by a
-   multiple of c) for every direction d used, and for a random d, drawn from a density
-   independently of the finitely many pieces, that happens only when the difference is
-   zero, with probability one. Every choice at such a kink gives the same gradient, so
-   it is counted in `.immaterial` and the result stays certified (PyTorch's value or
-   index order is kept). In floating point two different tangents can round to the
-   same value (about 2^-p of the time for p mantissa bits: 2^-8 in bfloat16, far more
-   when the gradients are close), which is why the second direction still runs, and
-   why float16 / bfloat16 need `HALF_PRECISION_DIRECTIONS` = 6 before anything is
-   immaterial. A kink left undecided with non-finite
-   tangents (NaN, inf), or when every direction was given rather than random, proves
-   nothing: it is counted in `.unresolved` and the result is not certified.
+   on the piece entered, the inputs' gradients a_i satisfy <a_i - a_j, d> = 0 (ties)
+   or <c, a> = 0 (an elementwise kink with normal c; a continuous op's one-sided
+   gradients differ by a multiple of c) for every direction d used, and for a random
+   d, drawn from a density independently of the finitely many pieces, that happens
+   only when the difference is zero, with probability one. Every choice at such a
+   kink gives the same gradient, so it is counted in `.immaterial` and the result
+   stays certified (PyTorch's value or index order is kept). In floating point two
+   different tangents can round to the same value (about 2^-p of the time for p
+   mantissa bits, far more when the gradients are close), which is why the second
+   direction still runs, and why float16 / bfloat16 need `HALF_PRECISION_DIRECTIONS`
+   = 6 before anything is immaterial. A kink left undecided with non-finite tangents
+   (NaN, inf), or when every direction was given rather than random, proves nothing:
+   it is counted in `.unresolved` and the result is not certified.
 
 Then reverse mode runs and the hooks read the decisions.
 
