@@ -129,3 +129,36 @@ def test_the_verdict_does_not_depend_on_the_scale_of_f(scale):
             seed=seed,
         )
         assert rep.verdict == "passed", str(rep)
+
+
+@pytest.mark.parametrize(
+    "source, target, args",
+    [
+        ("import sys\nsys.exit(0)\n", "m.py:f", ["--at", "[0.0]"]),
+        ("import sys\ndef f(x):\n    sys.exit(0)\n", "m.py:f", ["--at", "[0.0]"]),
+        ("def case():\n    raise SystemExit\n", "m.py:case", []),
+        (
+            "import torch\ndef f(x):\n    return x.sum()\n",
+            "m.py:f",
+        ),
+        (
+            "import torch\ndef f(x):\n    return x.sum()\n",
+            "m.py:f",
+            ["--at", "[0]", "--directions", "1000000000"],
+        ),
+    ],
+)
+def test_cli_sys_exit_or_absurd_directions_is_a_user_error(
+    tmp_path, capsys, monkeypatch, source, target, args
+):
+    """sys.exit(0) in the user's module, f or case function went straight through the
+    CLI: exit status 0, read as "passed", with no output. --directions 1e9 ran for hours.
+    Both are user errors now: exit 2, one line."""
+    from kinkgrad.check_cli import cli
+
+    (tmp_path / "m.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    rc = cli([target, *args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("kinkgrad check:"), err
