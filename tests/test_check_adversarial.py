@@ -140,10 +140,6 @@ def test_the_verdict_does_not_depend_on_the_scale_of_f(scale):
         (
             "import torch\ndef f(x):\n    return x.sum()\n",
             "m.py:f",
-        ),
-        (
-            "import torch\ndef f(x):\n    return x.sum()\n",
-            "m.py:f",
             ["--at", "[0]", "--directions", "1000000000"],
         ),
     ],
