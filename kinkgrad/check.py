@@ -239,6 +239,13 @@ class _Check:
                 jump = None
         base = self.rtol * (abs(fwd) + abs(bwd) + float(self.g.norm()))
         tol_f, tol_b = base + 10 * e1, base + 10 * e2
+        for dd, r, deriv, tol in ((d, lin.radius, fwd, tol_f), (neg, lin_back.radius, bwd, tol_b)):
+            slope, noise = pt.small_step_slope(dd, r)
+            if not abs(slope - deriv) <= 2 * tol + noise:
+                # f turns below the differences' steps (a Python branch within
+                # 1e-6 of x): the differences and the samples describe f farther
+                # out, not at x, and decide nothing
+                steep = True
         sym = abs(fwd + bwd) <= self.rtol * (abs(fwd) + abs(bwd)) + 10 * (e1 + e2)
         row = DirectionCheck(
             index=len(self.rows),
@@ -447,7 +454,8 @@ class _Check:
             f"more disagreed with the differences and were dropped); f sits on a kink "
             f"({sum(not r.symmetric for r in rows)} directions with f'(x; -d) != -f'(x; d))"
         )
-        if dist <= ctol and not self.coarse:  # (coarse samples: a blurred hull passes nothing)
+        unseen = self.coarse or any(r.steep for r in rows)  # samples are not limits at x
+        if dist <= ctol and not unseen:  # (a blurred or far-out hull passes nothing)
             return self._report(
                 "passed",
                 "Clarke hull",

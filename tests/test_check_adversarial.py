@@ -179,3 +179,34 @@ def test_a_narrow_cone_of_another_piece_does_not_fail_a_valid_g(f, n):
         with kg.policy(relu=1.0):
             rep = kg.check(f, torch.zeros(n, dtype=D, requires_grad=True), seed=seed)
         assert rep.verdict != "failed", str(rep)
+
+
+A3 = torch.ones(3, dtype=D)
+B3 = torch.tensor([2.0, -1.0, 0.5], dtype=D)
+
+
+def _bump(x: torch.Tensor) -> torch.Tensor:
+    """C^1, gradient B3 at 0 and A3 beyond |x| = 1e-9 (a smooth bump made with where,
+    which no catalog op reports)."""
+    s = (x * x).sum() / 1e-18
+    psi = torch.where(s < 1, (1 - s) ** 2, torch.zeros((), dtype=D))
+    return (A3 * x).sum() + ((B3 - A3) * x).sum() * psi
+
+
+def test_a_feature_below_the_difference_steps_decides_nothing():
+    """The bump is invisible to the differences (steps >= 5e-7) and to the gradients
+    sampled at >= 1e-7: both see the gradient A3. The old check FAILED backprop's
+    right g = B3 ("differentiable with gradient A3") and PASSED a wrong g = A3. The
+    quotient (f(x + t d) - f(x)) / t at t = 1e-8 and 1e-10, extrapolated to 0, must now
+    agree with the differences, else the direction decides nothing."""
+    x0 = torch.zeros(3, dtype=D)
+    wrong = lambda x: _bump(x) + _nudge_at(x, x0, A3 - B3)  # noqa: E731
+    branch = lambda x: torch.where(x.sum() < 1e-9, 5 * x.sum(), x.sum() + 4e-9)  # noqa: E731
+    for seed in range(3):
+        right = kg.check(_bump, x0.clone().requires_grad_(), seed=seed)
+        assert right.verdict != "failed", str(right)
+        bad = kg.check(wrong, x0.clone().requires_grad_(), seed=seed)
+        assert bad.verdict != "passed", str(bad)
+        # f = 5 sum(x) near 0 (g = 5): a Python branch 1e-9 away
+        rep = kg.check(branch, x0.clone().requires_grad_(), seed=seed)
+        assert rep.verdict != "failed", str(rep)
