@@ -107,7 +107,7 @@ class Point:
         noise = 8 * self.eps * (abs(f0) + max(abs(v) for v in vals)) / hs[-1]
         return est, max(err, abs(r1[-1] - est) - noise)
 
-    def small_step_slope(self, d: Sequence[Tensor], radius: float) -> tuple[float, float]:
+    def small_step_slope(self, d: Sequence[Tensor], radius: float) -> tuple[float, float, float]:
         """f'(x; d) from two steps below the differences' smallest (~5e-7 scale): the
         quotients (f(x + t d) - f(x)) / t at t1 = 1e-8 and t2 = 1e-10 times the scale
         (within half the linearization radius), extrapolated linearly to t = 0, and
@@ -125,7 +125,13 @@ class Point:
         s0 = s2 - (s1 - s2) * t2 / (t1 - t2)  # slope(t) = s0 + c t on a smooth piece
         n1 = 1600 * self.eps * (abs(self.f0) + abs(v1)) / t1
         n2 = 1600 * self.eps * (abs(self.f0) + abs(v2)) / t2
-        return s0, n2 * (1 + 2 * t2 / (t1 - t2)) + n1 * t2 / (t1 - t2)
+        # x + t d is rounded too (at x = 1e6 a step of 1e-4 is known to 1e-6 of
+        # itself): the direction actually taken is off by `skew` (times the gradient)
+        skew = 0.0
+        for t in ts:
+            moved = [(q - p) - t * di for q, p, di in zip(self.at(t, d), self.pts, d, strict=True)]
+            skew = max(skew, float(torch.cat([m.reshape(-1) for m in moved]).norm()) / t)
+        return s0, n2 * (1 + 2 * t2 / (t1 - t2)) + n1 * t2 / (t1 - t2), 3 * skew
 
     def limit_grad(self, d: Sequence[Tensor], radius: float) -> tuple[Tensor, float, bool]:
         """lim_{t->0+} grad f(x + t d) (a limiting gradient, hence in the Clarke set),
@@ -171,6 +177,23 @@ class Point:
             return None
         noise = 16 * self.eps * max(abs(self.f0), *(abs(v) for v in vals[-3:]))
         a, b, c = steps[-3:]
+        # x + t d is rounded (ulp(x) per coordinate, the same at every small t): a
+        # constant error of up to |rounding| x slope that the pairs do not cancel (relu
+        # at x = 1e6 showed a "jump" of 1e-10); the slope is bounded by that seen at a,
+        # times sqrt(n) for the part of the gradient across d
+        n = sum(p.numel() for p in self.pts)
+        moved = max(
+            float(
+                torch.cat(
+                    [
+                        ((q - p) - t * di).reshape(-1)
+                        for q, p, di in zip(self.at(t, d), self.pts, d, strict=True)
+                    ]
+                ).norm()
+            )
+            for t in (b, c)
+        )
+        noise += 4 * moved * (abs(last[0]) / a) * math.sqrt(n)
         j1 = (a * last[1] - b * last[0]) / (a - b)
         j2 = (b * last[2] - c * last[1]) / (b - c)
         size = j2
