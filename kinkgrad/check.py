@@ -89,7 +89,11 @@ from .policy import STATE
 ADVERSARIAL = 8
 #: ... and at most, while they keep bringing the hull closer to g (Gilbert's algorithm
 #: converges like 1/k: a vertex g of a many-faceted Clarke set needs more steps).
-ADVERSARIAL_MAX = 48
+ADVERSARIAL_MAX = 96
+#: ... stopping when the distance fell by less than 2% over this many steps (Wolfe's
+#: nearest-point iterations plateau until a face is complete: a vertex g of a
+#: 20-generator zonotope needed ~60).
+STALL = 12
 #: Random directions the differentiability certificate needs before it fails a g (a
 #: second piece of share p escapes k directions with probability (1 - p)^k).
 MIN_CERTIFYING = 8
@@ -336,7 +340,7 @@ class _Check:
         for k in range(ADVERSARIAL_MAX):
             if dist <= self._hull_tolerance():
                 break
-            if k >= ADVERSARIAL and not history[-1] < 0.98 * history[-5]:
+            if k >= max(ADVERSARIAL, STALL) and not history[-1] < 0.98 * history[-STALL]:
                 break  # stalled: the hull no longer closes in on g
             if p is None:  # no trusted sample: a random direction instead
                 d = self._random_unit()
