@@ -53,6 +53,13 @@ composition of catalog ops and smooth torch ops is; Scholtes 2012):
     the hull closes in on a g of the Clarke set); the gradients sampled along +-d
     join the hull, for `ADVERSARIAL` steps and more while the distance keeps falling.
 
+A direction is *steep* (`DirectionCheck.steep`) when f moves below the differences'
+steps: a "jump" that g's slope could explain or that fades at a smaller step, or a
+quotient (f(x + t d) - f(x)) / t at t = 1e-8, 1e-10 (extrapolated to 0) that disagrees
+with the differences (a Python branch or a bump within 1e-6 of x). The differences and
+the sampled gradients then describe f farther out, not at x: no pass and no failure on
+the differentiability, one-variable or hull tests rests on such a direction.
+
 *inconclusive* otherwise, with the distance from g to the sampled hull.
 
 Limiting gradients are extrapolated from backprop's gradients at x + t d for t = 1e-6,
@@ -64,8 +71,8 @@ than that is not seen.
 
 Tolerances: `rtol` (default 1000 ulps of g's dtype, within [1e-6, 1e-2]) times the
 magnitudes compared, plus the finite differences' own error estimates (Richardson
-agreement and rounding eps |f| / h) and the sampled gradients' (their first-order
-correction).
+agreement, agreement with the extrapolate at the smallest steps, and rounding
+eps |f| / h) and the sampled gradients' (the difference of two extrapolates).
 
 CLI: `kinkgrad check MODULE:FUNCTION` (`kinkgrad.check_cli`).
 """
