@@ -28,19 +28,25 @@ LEVELS = 12
 #: every t; a continuous f whose increments stay near J down to t_min = 1e-10 * scale
 #: would need a slope above J / t_min along d (reported as the evidence).
 JUMP_DECADES = (2, 4, 6, 8, 10)
-#: A jump must be this many times the rounding error of the values compared.
-JUMP_NOISE = 1e6
+#: A jump must be this many times the rounding error of the values compared (16 ulps
+#: of the largest): 1e4 x 16 ulps is 3.5e-11 relative in float64, so a jump of 1e-3 on
+#: a function of size 1e6 is seen (at 1e6 x 16 ulps it was not).
+JUMP_NOISE = 1e4
 
 
 @dataclass(frozen=True)
 class Jump:
-    """f(x + t d) - f(x) at each step t (`steps`, `increments`): the increments at the
-    three smallest steps agree within 10% and exceed the rounding noise by
-    `JUMP_NOISE`, so f is discontinuous along d (or steeper than `slope_bound`)."""
+    """f(x + t d) - f(x) at each step t (`steps`, `increments`): once the part linear in
+    t is removed (from pairs of steps), what is left at the three smallest steps agrees
+    within 10% and exceeds the rounding noise by `JUMP_NOISE`, so f is discontinuous
+    along d (or steeper than `slope_bound`). With `at_x` False it faded at a smaller
+    step: a steep rise just beyond x, no certificate."""
 
     size: float
     steps: tuple[float, ...]
     increments: tuple[float, ...]
+    slope_after: float = 0.0  # |slope| of the increments between the two smallest steps
+    at_x: bool = True  # False: gone at a step below t_min, so f rises steeply beyond x
 
     @property
     def slope_bound(self) -> float:
@@ -53,6 +59,7 @@ class Point:
     def __init__(self, f: Callable[..., Tensor], pts: list[Tensor]) -> None:
         self.f, self.pts = f, pts
         self.eps = torch.finfo(pts[0].dtype).eps
+        self.sample_rtol = 1e-7  # sampled gradients are refined to this (`limit_grad`)
         self.scale = 1.0 + max(float(p.abs().max()) if p.numel() else 0.0 for p in pts)
         self.f0 = self.value(0.0, [torch.zeros_like(p) for p in pts])
 
@@ -92,36 +99,121 @@ class Point:
                 err = abs(seq[k + 1] - seq[k]) + noise
                 if err < best[1]:
                     best = (seq[k + 1], err)
-        return best
+        # An estimate chosen at large steps must agree with the extrapolate at the
+        # smallest ones (O(h^2) off for a smooth f, exact for a piecewise-linear one):
+        # tanh(1e6 x) gives quotients 1/h at h >= 1e-5 (saturated) that "converge" to
+        # 2000 with error 1000, while the smallest steps see ~1e6.
+        est, err = best
+        noise = 8 * self.eps * (abs(f0) + max(abs(v) for v in vals)) / hs[-1]
+        return est, max(err, abs(r1[-1] - est) - noise)
 
-    def limit_grad(self, d: Sequence[Tensor], radius: float) -> tuple[Tensor, float]:
-        """lim_{t->0+} grad f(x + t d) (a limiting gradient, hence in the Clarke set)
-        and an error estimate: gradients at h1 and h2 = h1 / 8 inside the linearization
-        radius (identical for a piecewise-linear f), extrapolated linearly to 0 (on a
-        smooth piece grad f(x + h d) = G + h H d + O(h^2))."""
-        h1 = 1e-6 * self.scale
+    def small_step_slope(self, d: Sequence[Tensor], radius: float) -> tuple[float, float, float]:
+        """f'(x; d) from two steps below the differences' smallest (~5e-7 scale): the
+        quotients (f(x + t d) - f(x)) / t at t1 = 1e-8 and t2 = 1e-10 times the scale
+        (within half the linearization radius), extrapolated linearly to t = 0, and
+        its error bound (rounding, 100 x 16 ulps: sums with cancellation round worse
+        than |f| says). A feature of f that the differences and the sampled gradients
+        straddle (a Python branch or a bump of width 1e-9) shows as a disagreement."""
+        ts = [self.scale * 10.0**-k for k in (8, 10)]
         if 0 < radius < math.inf:
-            h1 = min(h1, 0.5 * radius)
-        h2 = h1 / 8
-        g1, g2 = self.grad(h1, d), self.grad(h2, d)
-        corr = (g2 - g1) * (h2 / (h1 - h2))
-        return g2 + corr, float(corr.norm()) + 4 * self.eps * float(g2.norm())
+            ts = [min(t, 0.5 * radius) for t in ts]
+            if ts[0] == ts[1]:
+                ts[1] = ts[0] / 100
+        t1, t2 = ts
+        v1, v2 = self.value(t1, d), self.value(t2, d)
+        s1, s2 = (v1 - self.f0) / t1, (v2 - self.f0) / t2
+        s0 = s2 - (s1 - s2) * t2 / (t1 - t2)  # slope(t) = s0 + c t on a smooth piece
+        n1 = 1600 * self.eps * (abs(self.f0) + abs(v1)) / t1
+        n2 = 1600 * self.eps * (abs(self.f0) + abs(v2)) / t2
+        # x + t d is rounded too (at x = 1e6 a step of 1e-4 is known to 1e-6 of
+        # itself): the direction actually taken is off by `skew` (times the gradient)
+        skew = 0.0
+        for t in ts:
+            moved = [(q - p) - t * di for q, p, di in zip(self.at(t, d), self.pts, d, strict=True)]
+            skew = max(skew, float(torch.cat([m.reshape(-1) for m in moved]).norm()) / t)
+        return s0, n2 * (1 + 2 * t2 / (t1 - t2)) + n1 * t2 / (t1 - t2), 3 * skew
+
+    def limit_grad(self, d: Sequence[Tensor], radius: float) -> tuple[Tensor, float, bool]:
+        """lim_{t->0+} grad f(x + t d) (a limiting gradient, hence in the Clarke set),
+        an error estimate, and whether it converged.
+
+        Gradients at h, h / 8 and h / 64 inside the linearization radius (identical
+        for a piecewise-linear f) are extrapolated linearly to 0 in two pairs (on a
+        smooth piece grad f(x + h d) = G + h H d + O(h^2)); the two extrapolates'
+        difference is the error estimate. Where it exceeds `sample_rtol` times the
+        gradients' size (the gradient still turns at this scale: tanh(1e6 x) at
+        h = 1e-6 was off by 5%, and a g 5% off passed), h shrinks by 100, down to
+        1e-12 scale; past that the sample is reported as not converged."""
+        h = 1e-6 * self.scale
+        if 0 < radius < math.inf:
+            h = min(h, 0.5 * radius)
+        size = None
+        while True:
+            g1, g2, g3 = (self.grad(h / 8**k, d) for k in range(3))
+            e12 = g2 + (g2 - g1) / 7  # (h2 / (h1 - h2)) = 1 / 7
+            e23 = g3 + (g3 - g2) / 7
+            if size is None:  # the gradients' size near x (0 at a smooth minimum)
+                size = float(g1.norm())
+            err = float((e23 - e12).norm()) + 4 * self.eps * float(g3.norm())
+            if err <= self.sample_rtol * max(size, float(e23.norm())):
+                return e23, err, True
+            if h < 1e-11 * self.scale:
+                return e23, err, False
+            h /= 100
 
     def jump(self, d: Sequence[Tensor]) -> Jump | None:
-        """A certificate that f is discontinuous at x along d, or None."""
+        """A certificate that f is discontinuous at x along d, or None.
+
+        On a piece, f(x + t d) - f(x) = J + s t + O(t^2) with J = 0 for a continuous f.
+        The pair of steps (a, b = a / 100) gives J's estimate (a inc(b) - b inc(a)) /
+        (a - b), in which s cancels (and the O(t^2) term leaves -c a b, a hundred times
+        smaller at the next pair: no agreement). Comparing raw increments instead
+        missed any jump smaller than s t_min's neighbours (x + 1e-9 step(x) at 0)."""
         steps = tuple(self.scale * 10.0**-k for k in JUMP_DECADES)
         vals = [self.value(t, d) for t in steps]
         inc = tuple(v - self.f0 for v in vals)
         last = inc[-3:]
         if not all(math.isfinite(v) for v in last):
             return None
-        noise = 16 * self.eps * max(abs(self.f0), *(abs(v) for v in vals))
-        size = last[-1]
-        if abs(size) <= JUMP_NOISE * noise:
+        noise = 16 * self.eps * max(abs(self.f0), *(abs(v) for v in vals[-3:]))
+        a, b, c = steps[-3:]
+        # x + t d is rounded (ulp(x) per coordinate, the same at every small t): a
+        # constant error of up to |rounding| x slope that the pairs do not cancel (relu
+        # at x = 1e6 showed a "jump" of 1e-10); the slope is bounded by that seen at a,
+        # times sqrt(n) for the part of the gradient across d
+        n = sum(p.numel() for p in self.pts)
+        moved = max(
+            float(
+                torch.cat(
+                    [
+                        ((q - p) - t * di).reshape(-1)
+                        for q, p, di in zip(self.at(t, d), self.pts, d, strict=True)
+                    ]
+                ).norm()
+            )
+            for t in (b, c)
+        )
+        noise += 4 * moved * (abs(last[0]) / a) * math.sqrt(n)
+        j1 = (a * last[1] - b * last[0]) / (a - b)
+        j2 = (b * last[2] - c * last[1]) / (b - c)
+        size = j2
+        if abs(size) <= JUMP_NOISE * noise or abs(j1 - j2) > 0.1 * abs(size):
             return None
-        if any(abs(v - size) > 0.1 * abs(size) for v in last):
-            return None
-        return Jump(size, steps, inc)
+        # A kink at distance r < t_min along d, with slopes s1 before and s2 after it,
+        # also leaves a constant J = (s1 - s2) r: the caller compares J with
+        # (|s1| + |s2|) t_min, s1 from g (`kinkgrad.check`).
+        s2 = (last[1] - last[2]) / (b - c)
+        # Below t_min, down to where x + t d no longer moves x: a jump at x is still
+        # there; a steep rise at some r < t_min (clamp(1e12 (x - 1e-11), 0, 1) at 0)
+        # is gone once t < r.
+        for k in range(1, 6):
+            t = c * 10.0**-k
+            moved = self.at(t, d)
+            if all(torch.equal(m, p) for m, p in zip(moved, self.pts, strict=True)):
+                break
+            if not abs(self.value(t, d) - self.f0) >= 0.5 * abs(size):
+                return Jump(size, steps, inc, abs(s2), at_x=False)
+        return Jump(size, steps, inc, abs(s2))
 
 
 def flat(ts: Sequence[Tensor]) -> Tensor:
@@ -139,6 +231,11 @@ def hull_projection(g: Tensor, samples: Sequence[Tensor]) -> tuple[float, Tensor
 
     G = torch.unique(torch.stack(list(samples)), dim=0).T.numpy()  # [n, k], repeats dropped
     b = g.numpy()
+    # in units of the largest entry: the sum-to-one row's weight is relative to 1, so
+    # gradients of size 1e-30 are fitted as well as gradients of size 1
+    unit = max(float(np.abs(G).max()), float(np.abs(b).max()))
+    unit = unit if unit > 0 and math.isfinite(unit) else 1.0
+    G, b = G / unit, b / unit
     weight = 1e3 * (1.0 + float(np.abs(G).max()) + float(np.abs(b).max()))
     A = np.vstack([G, weight * np.ones((1, G.shape[1]))])
     rhs = np.concatenate([b, [weight]])
@@ -152,7 +249,7 @@ def hull_projection(g: Tensor, samples: Sequence[Tensor]) -> tuple[float, Tensor
         lam[j] = 1.0
     lam = lam / lam.sum()
     p = G @ lam
-    return float(np.linalg.norm(p - b)), torch.from_numpy(p)
+    return float(np.linalg.norm(p - b)) * unit, torch.from_numpy(p * unit)
 
 
 # --------------------------------------------------------------------------------------

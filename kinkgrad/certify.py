@@ -23,18 +23,20 @@ How it runs (the tangent pass only when needed):
 3. Where a tangent is exactly zero too (or tied inputs have equal tangents), step 2
    runs again with a further random direction, keeping earlier decisions: the
    lexicographic rule (Nesterov; Khan & Barton), at most `max_directions` directions
-   (default `MAX_DIRECTIONS` = 2). What is left is *immaterial*: on the piece entered,
-   the inputs' gradients a_i satisfy <a_i - a_j, d> = 0 (ties) or <c, a> = 0 (an
-   elementwise kink with normal c; a continuous op's one-sided gradients differ by a
-   multiple of c) for every direction d used, and for a random d, drawn from a density
-   independently of the finitely many pieces, that happens only when the difference is
-   zero, with probability one. Every choice at such a kink gives the same gradient, so
-   it is counted in `.immaterial` and the result stays certified (PyTorch's value or
-   index order is kept). In floating point two different tangents can round to the
-   same value (about 2^-p of the time for p mantissa bits: 2^-8 in bfloat16), which is
-   why the second direction still runs. A kink left undecided with non-finite
-   tangents (NaN, inf), or when every direction was given rather than random, proves
-   nothing: it is counted in `.unresolved` and the result is not certified.
+   (default `MAX_DIRECTIONS` = 2; 6 in half precision). What is left is *immaterial*:
+   on the piece entered, the inputs' gradients a_i satisfy <a_i - a_j, d> = 0 (ties)
+   or <c, a> = 0 (an elementwise kink with normal c; a continuous op's one-sided
+   gradients differ by a multiple of c) for every direction d used, and for a random
+   d, drawn from a density independently of the finitely many pieces, that happens
+   only when the difference is zero, with probability one. Every choice at such a
+   kink gives the same gradient, so it is counted in `.immaterial` and the result
+   stays certified (PyTorch's value or index order is kept). In floating point two
+   different tangents can round to the same value (about 2^-p of the time for p
+   mantissa bits, far more when the gradients are close), which is why the second
+   direction still runs, and why float16 / bfloat16 need `HALF_PRECISION_DIRECTIONS`
+   = 6 before anything is immaterial. A kink left undecided with non-finite tangents
+   (NaN, inf), or when every direction was given rather than random, proves nothing:
+   it is counted in `.unresolved` and the result is not certified.
 
 Then reverse mode runs and the hooks read the decisions.
 
@@ -83,6 +85,28 @@ from .linearize import linearization as linearization
 #: Directions per certified gradient: one random direction, then lexicographic
 #: fallbacks for kinks it leaves undecided (each costs one more tangent pass).
 MAX_DIRECTIONS = 2
+#: In float16 / bfloat16 a kink is called immaterial only after this many directions
+#: (and it is the default limit there). Tangents round to 8 (bfloat16) or 11 bits, so
+#: tied inputs whose gradients differ by 10% had equal tangents along two random
+#: directions for 7 ties in 20000 (bfloat16; 2^-6 apart: 288 in bfloat16, 3 in
+#: float16), each called immaterial with a wrong gradient; after six, none
+#: (tests/test_certify_adversarial.py).
+HALF_PRECISION_DIRECTIONS = 6
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _max_directions(max_directions: int | None, xs: Sequence[Tensor], who: str) -> int:
+    if max_directions is None:
+        half = any(x.dtype in _HALF for x in xs)
+        return HALF_PRECISION_DIRECTIONS if half else MAX_DIRECTIONS
+    if (
+        not isinstance(max_directions, int)
+        or isinstance(max_directions, bool)
+        or max_directions < 1
+    ):
+        raise ValueError(f"{who}: max_directions must be an integer >= 1, got {max_directions!r}")
+    return max_directions
+
 
 # --------------------------------------------------------------------------------------
 # The passes
@@ -139,8 +163,11 @@ def _tangent_passes(
         if not any(e.undecided for e in live):
             break
     # Immaterial only once a random direction was used: a given direction can be
-    # orthogonal to the difference of two gradients.
+    # orthogonal to the difference of two gradients; in half precision only after
+    # `HALF_PRECISION_DIRECTIONS` (rounding makes different tangents equal).
     random_used = any(directions.is_random(j) for j in range(summary.directions_used))
+    if any(t.dtype in _HALF for t in directions[0]):
+        random_used = random_used and summary.directions_used >= HALF_PRECISION_DIRECTIONS
     for e in live:
         if not e.seen:
             continue
@@ -278,7 +305,7 @@ def certified_grad(
     *inputs: Tensor,
     seed: int | None = None,
     direction: Any = None,
-    max_directions: int = MAX_DIRECTIONS,
+    max_directions: int | None = None,
 ) -> CertifiedGrad:
     """A certified generalized gradient of a scalar function f at `inputs`.
 
@@ -292,7 +319,9 @@ def certified_grad(
     the same values when called twice; `inputs` are floating tensors with
     `requires_grad=True` and finite values; `seed` fixes the directions (default: a
     fresh one, reported in the result); `direction` (optional) the first direction
-    (a tensor per input); `max_directions` the limit of the lexicographic sequence.
+    (a tensor per input); `max_directions` the limit of the lexicographic sequence
+    (default `MAX_DIRECTIONS`, `HALF_PRECISION_DIRECTIONS` for float16 / bfloat16
+    inputs, where fewer leave every undecided kink unresolved).
 
     **Returns**: `CertifiedGrad` (`.grad`, `.grads`, `.kinks_hit`, `.unresolved`,
     `.certified`, `.direction`, ...). Gradients are not accumulated into `.grad`.
@@ -305,8 +334,7 @@ def certified_grad(
     """
     who = "kinkgrad.certified_grad"
     xs = _check_inputs(inputs, who)
-    if max_directions < 1:
-        raise ValueError(f"{who}: max_directions must be >= 1, got {max_directions}")
+    max_directions = _max_directions(max_directions, xs, who)
     first = None if direction is None else _as_direction(direction, xs, None, who)
     dirs = _Directions(_new_seed(seed), _like(xs), first)
     devices = _cuda_devices([(str(i), x) for i, x in enumerate(xs)])
@@ -347,7 +375,7 @@ def certified_backward(
     model: torch.nn.Module,
     *batch: Any,
     seed: int | None = None,
-    max_directions: int = MAX_DIRECTIONS,
+    max_directions: int | None = None,
 ) -> CertifiedStep:
     """Backward with a certified generalized gradient, for training.
 
@@ -376,8 +404,7 @@ def certified_backward(
     """
     who = "kinkgrad.certified_backward"
     named = _trainable(model, who)
-    if max_directions < 1:
-        raise ValueError(f"{who}: max_directions must be >= 1, got {max_directions}")
+    max_directions = _max_directions(max_directions, [p for _, p in named], who)
     devices = _cuda_devices(named)
     dirs = _Directions(_new_seed(seed), _like([p for _, p in named]), None)
     rng = _rng_state(devices)

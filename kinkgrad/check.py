@@ -14,9 +14,12 @@ composition of catalog ops and smooth torch ops is; Scholtes 2012):
 
 *failed*, only with a certificate:
   - **non-finite g**: a Clarke generalized gradient is a finite vector.
-  - **discontinuity**: along some d, f(x + t d) - f(x) keeps the same size J for t from
-    1e-6 to 1e-10 (times the scale of x); a continuous f would need a slope above
-    J / (1e-10 scale) along d. A kink or a smooth f shrinks linearly with t.
+  - **discontinuity**: along some d, f(x + t d) - f(x), less its part linear in t,
+    keeps the same size J for t from 1e-6 to 1e-10 (times the scale of x); a continuous
+    f would need a slope above J / (1e-10 scale) along d. A kink or a smooth f shrinks
+    linearly with t. Not when |<g, d>| 1e-10 scale >= `STEEP` |J|: backprop's slope
+    says f may be that steep (tanh(1e12 x) at 0 is smooth); nor when a kink closer
+    than 1e-10 scale, with slopes <g, d> before and the measured one after, explains J.
   - **differentiability**: along every random direction f'(x; -d) = -f'(x; d), every
     G(+-d) is the same vector a, and f'(x; d) = <a, d>. The Clarke set of a
     piecewise-smooth f is the hull of the gradients of its essentially active pieces
@@ -24,7 +27,12 @@ composition of catalog ops and smooth torch ops is; Scholtes 2012):
     the probability of its (open) cone, so with k directions a second piece escapes
     with probability (1 - p)^k, p its share of directions. The Clarke set is then {a},
     and a g with |g - a| above tolerance is not a Clarke gradient (at least
-    `MIN_CERTIFYING` = 8 random directions are required to fail on this ground).
+    `MIN_CERTIFYING` = 8 random directions are required to fail on this ground, and
+    the certificate must also hold along `PROBES_TOWARD_G` directions near g - a: a
+    narrow cone that random directions miss (p = 6% for relu(x1 - 10 |x2|), where
+    16 directions failed a valid g for half the seeds) lies toward any g of the Clarke
+    set when f is convex or concave near x, as g - a is then where f'(x; .) exceeds
+    <a, .>).
   - **one variable**: f of a single variable has Clarke set [min(D-, D+), max(D-, D+)]
     (the left and right derivatives, the gradients of the two pieces touching x;
     Clarke 1983, Thm. 2.5.1); a g outside it fails.
@@ -33,189 +41,81 @@ composition of catalog ops and smooth torch ops is; Scholtes 2012):
   - it equals a where f is differentiable (above);
   - it lies in the convex hull of the sampled limiting gradients (each in the Clarke
     set, which is convex); or
-  - it satisfies the Fréchet subgradient inequalities <g, d> <= f'(x; d) (or the
-    supergradient ones, >=) along every direction tried: a regular sub/supergradient
-    lies in the Clarke set (Rockafellar & Wets 1998, Thm. 8.6 and 8.49). Besides the
-    random directions, "adversarial" ones are tried: d = g - p, p the nearest point of
-    the sampled hull, which separates g from the hull (for a convex f it is where a
-    non-subgradient violates the inequality: Frank-Wolfe / Gilbert's step); the
-    gradients sampled along them join the hull.
+  - (f of one variable only) it satisfies the Fréchet subgradient inequalities
+    <g, d> <= f'(x; d) (or the supergradient ones, >=) for d = +-1, which are then all
+    directions: a regular sub/supergradient lies in the Clarke set (Rockafellar & Wets
+    1998, Thm. 8.6 and 8.49). In n >= 2 variables finitely many directions certify
+    nothing (a g outside the Clarke set can violate the inequalities only in a narrow
+    cone), so there the hull must reach g. Besides the random directions,
+    "adversarial" ones are tried: d = g - p, p the nearest point of the sampled hull,
+    which separates g from the hull (for a convex f, G(d) is the vertex of the Clarke
+    set that maximizes <v, d>, and for a concave one G(-d) is: Gilbert's step, so
+    the hull closes in on a g of the Clarke set); the gradients sampled along +-d
+    join the hull, for `ADVERSARIAL` steps and more while the distance keeps falling.
+
+A direction is *steep* (`DirectionCheck.steep`) when f moves below the differences'
+steps: a "jump" that g's slope could explain or that fades at a smaller step, or a
+quotient (f(x + t d) - f(x)) / t at t = 1e-8, 1e-10 (extrapolated to 0) that disagrees
+with the differences (a Python branch or a bump within 1e-6 of x). The differences and
+the sampled gradients then describe f farther out, not at x: no pass and no failure on
+the differentiability, one-variable or hull tests rests on such a direction.
 
 *inconclusive* otherwise, with the distance from g to the sampled hull.
 
-Limiting gradients are backprop's gradients at x + t d for t = 1e-6 and 1e-6 / 8 (times
-the scale of x, and within the linearization radius of the catalog ops met), each
-kept only when <G(d), d> matches the finite-difference f'(x; d): a kink of a
-non-catalog op (a Python branch) closer to x than that is not seen.
+Limiting gradients are extrapolated from backprop's gradients at x + t d for t = 1e-6,
+1e-6 / 8, 1e-6 / 64 (times the scale of x, and within the linearization radius of the
+catalog ops met; smaller where they have not converged, and no pass rests on samples
+that never do: `Point.limit_grad`), each kept only when <G(d), d> matches the
+finite-difference f'(x; d): a kink of a non-catalog op (a Python branch) closer to x
+than that is not seen.
 
 Tolerances: `rtol` (default 1000 ulps of g's dtype, within [1e-6, 1e-2]) times the
 magnitudes compared, plus the finite differences' own error estimates (Richardson
-agreement and rounding eps |f| / h) and the sampled gradients' (their first-order
-correction).
+agreement, agreement with the extrapolate at the smallest steps, and rounding
+eps |f| / h) and the sampled gradients' (the difference of two extrapolates).
 
 CLI: `kinkgrad check MODULE:FUNCTION` (`kinkgrad.check_cli`).
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._inputs import _check_inputs, _check_output, _new_seed
-from ._probe import Jump, Point, flat, float64_version, hull_projection
+from ._probe import Point, flat, float64_version, hull_projection
+from .check_report import CheckReport, DirectionCheck
 from .linearize import linearization
 from .policy import STATE
 
-#: Adversarial directions tried at most (each: two linearizations, ~30 evaluations of
-#: f and four gradients).
+#: Adversarial directions tried at least when g is not yet in the sampled hull (each:
+#: two linearizations, ~30 evaluations of f and four gradients) ...
 ADVERSARIAL = 8
+#: ... and at most, while they keep bringing the hull closer to g (Gilbert's algorithm
+#: converges like 1/k: a vertex g of a many-faceted Clarke set needs more steps).
+ADVERSARIAL_MAX = 96
+#: ... stopping when the distance fell by less than 2% over this many steps (Wolfe's
+#: nearest-point iterations plateau until a face is complete: a vertex g of a
+#: 20-generator zonotope needed ~60).
+STALL = 12
 #: Random directions the differentiability certificate needs before it fails a g (a
 #: second piece of share p escapes k directions with probability (1 - p)^k).
 MIN_CERTIFYING = 8
+#: Directions toward g (from the gradient a) tried before g fails on differentiability.
+PROBES_TOWARD_G = 2
 #: Relative size of the random jitter added to an adversarial direction (so that it
 #: sits inside one piece's cone, not on a boundary between pieces).
 JITTER = 1e-3
 
+#: A "jump" J seen down to t_min is no certificate when |<g, d>| t_min >= STEEP |J|:
+#: f may be continuous and that steep (its slope at x is that of g; tanh(k x) looks
+#: like a jump within 10% from k t_min = 1.5 on, where the slope gives 1.5 |J|).
+STEEP = 0.5
+
 VERDICTS = ("passed", "failed", "inconclusive")
-
-
-@dataclass(frozen=True)
-class DirectionCheck:
-    """One direction d (unit norm over all inputs; `kind` "random" or "adversarial"):
-    `forward` = f'(x; d), `backward` = f'(x; -d) (one-sided, float64 finite
-    differences, `fd_error` / `fd_error_back` their error estimates), `predicted` =
-    <g, d>, `error` = |forward - predicted|, `tolerance`; `ok` (the first-order model
-    holds along d), `symmetric` (forward = -backward), `subgradient` (<g, +-d> <= f'(x; +-d)),
-    `supergradient` (>=), `radius` / `radius_back` (linearization radius along d / -d),
-    `jump` (a `Jump` certificate along d or -d, else None)."""
-
-    index: int
-    kind: str
-    forward: float
-    backward: float
-    predicted: float
-    error: float
-    tolerance: float
-    fd_error: float
-    fd_error_back: float
-    ok: bool
-    symmetric: bool
-    subgradient: bool
-    supergradient: bool
-    radius: float
-    radius_back: float
-    jump: Jump | None = None
-
-
-@dataclass(frozen=True, repr=False)
-class CheckReport:
-    """Result of `check`.
-
-    **Fields**: `verdict` ("passed", "failed" or "inconclusive"); `decided_by` (the test
-    that decided: "non-finite g", "discontinuity", "differentiability", "one variable",
-    "Clarke hull",
-    "Fréchet subgradient", "Fréchet supergradient", or "none"); `reason` (one line);
-    `evidence` (further lines); `value` f(x); `grad_norm` |g|; `directions` (one
-    `DirectionCheck` each); `differentiable` (certified as above); `clarke_distance`
-    (from g to the hull of the sampled limiting gradients) and `clarke_tolerance`;
-    `kinks_hit` (kink-op elements exactly on a kink at x); `dtype` (of g); `fd_dtype`
-    (of the differences: "float64", "float64 (promoted)", or f's dtype); `samples`
-    (limiting gradients sampled). Properties: `passed`, `kink`, `reasons`.
-    """
-
-    verdict: str
-    decided_by: str
-    reason: str
-    evidence: tuple[str, ...]
-    value: float
-    grad_norm: float
-    directions: tuple[DirectionCheck, ...]
-    differentiable: bool
-    clarke_distance: float
-    clarke_tolerance: float
-    kinks_hit: int
-    dtype: str
-    fd_dtype: str
-    samples: int
-    seed: int = field(default=0)
-
-    @property
-    def passed(self) -> bool:
-        return self.verdict == "passed"
-
-    @property
-    def kink(self) -> bool:
-        return not self.differentiable
-
-    @property
-    def reasons(self) -> tuple[str, ...]:
-        return (self.reason, *self.evidence)
-
-    def table(self) -> Any:
-        """The per-direction table as a `rich.table.Table`."""
-        from rich.table import Table
-
-        t = Table(
-            title=f"{self.verdict.upper()} (decided by: {self.decided_by}); one-sided "
-            "derivatives along unit directions d",
-            title_justify="left",
-        )
-        for col in ("d", "kind", "f'(x; d)", "-f'(x; -d)", "<g, d>", "tol", "radius d / -d"):
-            t.add_column(col, justify="right")
-        t.add_column("", justify="left")
-        for d in self.directions:
-            flags = [
-                "jump" if d.jump else "",
-                "" if d.symmetric else "kink",
-                "sub" if d.subgradient else "",
-                "super" if d.supergradient else "",
-            ]
-            t.add_row(
-                str(d.index),
-                "rand" if d.kind == "random" else "adv",
-                f"{d.forward:.8g}",
-                f"{-d.backward:.8g}",
-                f"{d.predicted:.8g}",
-                f"{d.tolerance:.1e}",
-                f"{_fmt_radius(d.radius)} / {_fmt_radius(d.radius_back)}",
-                " ".join(s for s in flags if s),
-            )
-        return t
-
-    def __str__(self) -> str:
-        from rich.console import Console
-
-        buf = io.StringIO()
-        console = Console(file=buf, width=120, color_system=None, force_terminal=False)
-        console.print(f"kinkgrad check: {self.verdict.upper()}: {self.reason}", highlight=False)
-        console.print(
-            f"f(x) = {self.value:.10g}, |g| = {self.grad_norm:.6g} (g in {self.dtype}; "
-            f"differences in {self.fd_dtype}); kink-op elements exactly on a kink: "
-            f"{self.kinks_hit}; distance from g to the hull of {self.samples} sampled "
-            f"limiting gradients: {self.clarke_distance:.3g} (tolerance "
-            f"{self.clarke_tolerance:.1g}); seed {self.seed}",
-            highlight=False,
-        )
-        console.print(self.table())
-        for r in self.evidence:
-            console.print(f"- {r}", highlight=False)
-        return buf.getvalue().rstrip()
-
-    def __repr__(self) -> str:
-        return (
-            f"CheckReport(verdict={self.verdict!r}, decided_by={self.decided_by!r}, "
-            f"clarke_distance={self.clarke_distance:.3g}, directions={len(self.directions)})"
-        )
-
-
-def _fmt_radius(r: float) -> str:
-    return "inf" if math.isinf(r) else f"{r:.3g}"
 
 
 # --------------------------------------------------------------------------------------
@@ -300,6 +200,7 @@ class _Check:
         self.rtol = rtol if rtol is not None else min(max(1e-6, ulps), 1e-2)
         self.f64, self.fd_name, pts = float64_version(f, xs, who)
         self.pt = Point(self.f64, pts)
+        self.pt.sample_rtol = 0.1 * self.rtol
         self.pts = pts
         self.n_dirs, self.seed = n_dirs, seed
         self.gen = torch.Generator().manual_seed(seed)
@@ -308,6 +209,7 @@ class _Check:
         self.rejected = 0  # sampled gradients inconsistent with the differences
         self.samples: list[Tensor] = []
         self.sample_err: list[float] = []
+        self.coarse = False  # some sampled gradient did not converge (no pass on samples)
         self.kinks_hit = 0
 
     # ----------------------------------------------------------------------------------
@@ -334,8 +236,29 @@ class _Check:
         fwd, e1 = pt.one_sided(d, lin.radius)
         bwd, e2 = pt.one_sided(neg, lin_back.radius)
         pred = float(self.g @ dflat)
+        steep = False
+        if jump is not None:
+            t_min, s1 = jump.steps[-1], abs(pred)
+            if not jump.at_x or s1 * t_min >= STEEP * abs(jump.size):
+                # f rises by J beyond x within t_min (it fades at a smaller step), or
+                # backprop's own slope at x could carry it across J: a steep continuous
+                # f (tanh(1e12 x)) is no certificate of a jump, and the differences
+                # along d (steps >= t_min) cannot see its derivative either
+                jump, steep = None, True
+            elif (s1 + jump.slope_after) * t_min >= abs(jump.size):
+                # a kink at r < t_min with slopes s1, s2 leaves (s1 - s2) r: not a jump
+                jump = None
         base = self.rtol * (abs(fwd) + abs(bwd) + float(self.g.norm()))
         tol_f, tol_b = base + 10 * e1, base + 10 * e2
+        limits = [pt.limit_grad(d, lin.radius), pt.limit_grad(neg, lin_back.radius)]
+        lip = max(float(self.g.norm()), *(float(s.norm()) for s, _, _ in limits))
+        for dd, r, deriv, tol in ((d, lin.radius, fwd, tol_f), (neg, lin_back.radius, bwd, tol_b)):
+            slope, noise, skew = pt.small_step_slope(dd, r)
+            if not abs(slope - deriv) <= 2 * tol + noise + skew * lip:
+                # f turns below the differences' steps (a Python branch within
+                # 1e-6 of x): the differences and the samples describe f farther
+                # out, not at x, and decide nothing
+                steep = True
         sym = abs(fwd + bwd) <= self.rtol * (abs(fwd) + abs(bwd)) + 10 * (e1 + e2)
         row = DirectionCheck(
             index=len(self.rows),
@@ -354,14 +277,15 @@ class _Check:
             radius=lin.radius,
             radius_back=lin_back.radius,
             jump=jump,
+            steep=steep,
         )
         self.rows.append(row)
         self.dirs.append(dflat)
-        for dd, r, deriv, tol, sign in (
-            (d, lin.radius, fwd, tol_f, 1.0),
-            (neg, lin_back.radius, bwd, tol_b, -1.0),
+        for (s, err, converged), deriv, tol, sign in (
+            (limits[0], fwd, tol_f, 1.0),
+            (limits[1], bwd, tol_b, -1.0),
         ):
-            s, err = pt.limit_grad(dd, r)
+            self.coarse = self.coarse or not converged
             # On the piece x + t d enters, f'(x; d) = <G(d), d>: a sampled gradient that
             # disagrees with the differences is not trusted (backprop wrong off the kink,
             # or the sample crossed an unseen branch) and stays out of the hull.
@@ -403,12 +327,28 @@ class _Check:
         if jumped:
             return self._jump(jumped[0])
         diff = self._differentiable()
+        if diff is not None and diff.verdict == "failed":
+            # Before failing g, look where g points: random directions miss a piece
+            # whose cone is narrow (relu(x1 - 10 |x2|) at 0, 6% of directions), but if
+            # g is in the Clarke set C and C != {a}, the direction g - a finds the
+            # difference for a convex or concave f (f'(x; g - a) >= <g, g - a> >
+            # <a, g - a>, resp. for -d): the certificate must survive it.
+            a = self.samples[0]
+            for _ in range(PROBES_TOWARD_G):
+                d = (self.g - a) / (self.g - a).norm() + JITTER * self._random_unit()
+                row = self._measure(d / d.norm(), "adversarial")
+                if row.jump:
+                    return self._jump(row)
+            diff = self._differentiable()
         if diff is not None:
             return diff
         dist, p = self._hull()
-        for _ in range(ADVERSARIAL):
+        history = [dist]
+        for k in range(ADVERSARIAL_MAX):
             if dist <= self._hull_tolerance():
                 break
+            if k >= max(ADVERSARIAL, STALL) and not history[-1] < 0.98 * history[-STALL]:
+                break  # stalled: the hull no longer closes in on g
             if p is None:  # no trusted sample: a random direction instead
                 d = self._random_unit()
             else:
@@ -417,6 +357,7 @@ class _Check:
             if row.jump:
                 return self._jump(row)
             dist, p = self._hull()
+            history.append(dist)
         return self._verdict(dist)
 
     def _report(
@@ -462,8 +403,8 @@ class _Check:
     def _differentiable(self) -> CheckReport | None:
         """The differentiability certificate (module docstring), or None."""
         rows, samples = self.rows, self.samples
-        if not samples or not all(r.symmetric for r in rows):
-            return None
+        if not samples or not all(r.symmetric and not r.steep for r in rows):
+            return None  # (along a steep d the differences are blind to a rise < t_min)
         a = samples[0]
         spread = max(float((s - a).norm()) for s in samples)
         amax = max(float(s.norm()) for s in samples)
@@ -487,6 +428,8 @@ class _Check:
         if gap > tol and len(rows) < MIN_CERTIFYING:
             return None  # too few directions to fail anything on this ground
         if gap <= tol:  # g = a, a limiting gradient: in the Clarke set in any case
+            if self.coarse:
+                return None  # a is known too coarsely to say g = a
             return self._report(
                 "passed",
                 "differentiability",
@@ -523,7 +466,8 @@ class _Check:
             f"more disagreed with the differences and were dropped); f sits on a kink "
             f"({sum(not r.symmetric for r in rows)} directions with f'(x; -d) != -f'(x; d))"
         )
-        if dist <= ctol:
+        unseen = self.coarse or any(r.steep for r in rows)  # samples are not limits at x
+        if dist <= ctol and not unseen:  # (a blurred or far-out hull passes nothing)
             return self._report(
                 "passed",
                 "Clarke hull",
@@ -533,9 +477,12 @@ class _Check:
                 dist,
             )
         for kind, ok in (("sub", "subgradient"), ("super", "supergradient")):
-            # Adversarial directions come from trusted samples; with backprop wrong
-            # near x (rejected samples) the inequalities were only tried at random.
-            if not self.rejected and all(getattr(r, ok) for r in rows):
+            # Only in one variable are +-d *all* directions: in n >= 2 the inequalities
+            # along finitely many directions prove nothing (sum |x_i| at 0 with
+            # g = 1.05 e_1 satisfies them along every direction but those within ~0.05
+            # of e_1, and the adversarial ones approach e_1 only like 1/k); see
+            # tests/test_check_adversarial.py.
+            if self.g.numel() == 1 and all(getattr(r, ok) and not r.steep for r in rows):
                 rel = "<=" if kind == "sub" else ">="
                 return self._report(
                     "passed",
@@ -545,7 +492,7 @@ class _Check:
                     [tried, f"distance from g to the sampled hull: {dist:.3g}"],
                     dist,
                 )
-        if self.g.numel() == 1:
+        if self.g.numel() == 1 and not any(r.steep for r in rows):
             verdict = self._one_variable(dist)
             if verdict is not None:
                 return verdict

@@ -26,6 +26,8 @@ from .check import check
 MAX_ELEMENTS = 10_000_000
 
 EXIT = {"passed": 0, "failed": 1, "inconclusive": 3}
+#: Most random directions --directions may ask for (each costs ~40 evaluations of f).
+MAX_DIRECTIONS = 10_000
 
 _CLI_HELP = """\
 Is backprop's gradient of FUNCTION at a point a Clarke generalized gradient?
@@ -191,12 +193,21 @@ def cli(argv: list[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     try:
-        if args.directions < 1:
-            raise UserError(f"--directions must be a positive integer, got {args.directions}")
+        if not 1 <= args.directions <= MAX_DIRECTIONS:
+            raise UserError(
+                f"--directions must be an integer in [1, {MAX_DIRECTIONS}], got {args.directions}"
+            )
         pol = _policy_values(args.policy)
         fn = _load(args.target)
         f, inputs = _cli_inputs(args, fn)
         report = _run(f, inputs, pol, args)
+    except SystemExit as e:
+        # sys.exit() in the user's module or f must not pass for a verdict (exit 0)
+        print(
+            f"kinkgrad check: the module or function called sys.exit({e.code!r}); no verdict",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as e:  # noqa: BLE001 - the user's f may raise anything: one line
         msg = str(e) if isinstance(e, UserError) else _one_line(e)
         print(f"kinkgrad check: {msg}", file=sys.stderr)
