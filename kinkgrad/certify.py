@@ -95,10 +95,14 @@ HALF_PRECISION_DIRECTIONS = 6
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def default_directions(dtype: torch.dtype) -> int:
+    """How many directions `max_directions=None` allows for inputs of `dtype`."""
+    return HALF_PRECISION_DIRECTIONS if dtype in _HALF else MAX_DIRECTIONS
+
+
 def _max_directions(max_directions: int | None, xs: Sequence[Tensor], who: str) -> int:
     if max_directions is None:
-        half = any(x.dtype in _HALF for x in xs)
-        return HALF_PRECISION_DIRECTIONS if half else MAX_DIRECTIONS
+        return max((default_directions(x.dtype) for x in xs), default=MAX_DIRECTIONS)
     if (
         not isinstance(max_directions, int)
         or isinstance(max_directions, bool)

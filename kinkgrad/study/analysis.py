@@ -254,7 +254,7 @@ def certified_cell(records: list[Record], name: str) -> dict[str, Any]:
             relu_steps += r["steps"]
     m = out["measured_steps"]
     out["configs"] = len(rs)
-    dirs = sorted({str(r["certified"][name].get("max_directions")) for r in rs})
+    dirs = sorted({str(r["certified"][name].get("max_directions") or "?") for r in rs})
     out["max_directions"] = "/".join(dirs) if dirs else "n/a"
     out["crossings_by_op"] = dict(by_op)
     out["undecided_by_op"] = {k: v for k, v in undecided.items() if v}

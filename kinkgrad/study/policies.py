@@ -124,7 +124,9 @@ class Certified(Policy):
     average loss along d, so the result is certified when every rank's is.
     """
 
-    max_directions: int = 2
+    #: None: certify's default, 2 directions in float32/64 and 6 in float16/bfloat16
+    #: (where rounding can make different tangents equal along two).
+    max_directions: int | None = None
     certifies: ClassVar[bool] = True
 
     def grad(self, model, loss_fn, x, y, *, step=0, seed=0):

@@ -488,7 +488,7 @@ def _setup(records, manifest, cfg, settings, alt_label, ref_label) -> list[Block
     for name in A.certified_names(records):
         rs = [r for r in records if name in r.get("certified", {})]
         every = sorted({r["certified"][name].get("crossings_every") for r in rs})
-        dirs = sorted({str(r["certified"][name].get("max_directions")) for r in rs})
+        dirs = sorted({str(r["certified"][name].get("max_directions") or "?") for r in rs})
         lines.append(
             f"Certified run `{rs[0]['policies'][name]}` ({_seeds_text(records, name)}"
             + (

@@ -104,7 +104,8 @@ def _cert_text(c: dict[str, Any]) -> str:
     hits = c["kinks_hit"]
     if ok == n:
         text = f"all {count(n)} steps certified"
-        return text + (f" ({count(hits)} exact kink hits, all decided)" if hits else "")
+        decided = f" ({count(hits)} exact kink hits, all decided or immaterial)"
+        return text + (decided if hits else "")
     text = f"{count(ok)} of {count(n)} steps certified"
     bad = []
     if c["uncertified_unresolved"]:
@@ -157,14 +158,17 @@ def certified_tables(records, models, precisions) -> list[Block]:
                 f"`{label}`: trained with `kinkgrad.certified_backward` (directions seeded from "
                 "the configuration's seed and the step) in lockstep with the other runs. "
                 "'certified': steps whose gradient was certified (every kink met decided by a "
-                "direction, no jump op on its jump); 'not certified': steps with kinks no "
-                "direction decided / with a jump op on its jump. An undecided kink is one whose "
-                "input does not move along any direction tried (an element on a kink with a "
-                "zero tangent, tied inputs with equal tangents) and keeps PyTorch's choice"
+                "direction or immaterial, no jump op on its jump); 'not certified': steps with "
+                "undecided kinks / with a jump op on its jump. An immaterial kink is one whose "
+                "inputs do not move apart along any random direction tried (an element on a "
+                "kink with a zero tangent, tied inputs with equal tangents): in a "
+                "piecewise-linear program equal tangents along a random direction mean equal "
+                "gradients on the current piece with probability one, so PyTorch's choice "
+                "there cannot change the result (counted apart as 'immaterial'; 6 directions "
+                "in float16/bfloat16, where rounding can make different tangents equal, 2 "
+                "otherwise)"
                 + _undecided_note(A.certified_cell(rs, name))
-                + ". With probability one over the random directions such a kink does not "
-                "change the gradient, but that cannot be proven from tangents, so the step is "
-                "not reported as certified. 'kink hits': elements exactly on a kink (ReLU "
+                + ". 'kink hits': elements exactly on a kink (ReLU "
                 "inputs at 0, tied "
                 "max-pool windows) that the certified gradient met. 'crossed': kinks crossed "
                 "by the SGD step along the update it applied (mean / max per step), and the "

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..certify import default_directions
 from . import models
 from .config import RunKey, StudyConfig
 from .counts import StepCounter
@@ -509,7 +510,8 @@ def _train(cfg, key, data, rank, world, on_step) -> dict[str, Any]:
             {
                 "certified": {
                     r.name: {
-                        "max_directions": getattr(r.policy, "max_directions", None),
+                        "max_directions": getattr(r.policy, "max_directions", None)
+                        or default_directions(DTYPES[key.precision]),
                         **r.cert.result(),
                     }
                     for r in runs
