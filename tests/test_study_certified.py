@@ -149,7 +149,8 @@ def test_crossings_are_recorded_per_step_as_integers(digits):
     assert c["crossing_steps"] == sum(n > 0 for n in s["crossings"])
     assert c["measured_steps"] == c["steps"] == rec["steps"] == len(s["step"])
     assert c["certified_steps"] + c["uncertified_steps"] == c["steps"]
-    assert c["uncertified_steps"] == 0 and c["max_directions"] == 6  # float16: 6 directions; no ties in an MLP
+    # float16: 6 directions; no ties in an MLP
+    assert c["uncertified_steps"] == 0 and c["max_directions"] == 6
     assert sum(c["crossings_by_op"].values()) == c["crossings"]
     assert set(c["crossings_by_op"]) == {"relu"}
     # per epoch: the same numbers, split
