@@ -92,6 +92,8 @@ class Elementwise(Family):
         return self.kinks(call), call
 
     def apply(self, call: Call, value: Any) -> Any:
+        if not _is_float(call.inputs[0]):
+            call = _promote(call)
         x = call.inputs[0]
         if not _is_float(x) or x.numel() == 0 or not _grad_wanted(call.inputs):
             return call.run()  # no gradient will be asked for: the forward is all there is
@@ -138,6 +140,25 @@ class Elementwise(Family):
         return mask
 
 
+def _promote(call: Call) -> Call:
+    """An integer or bool x with a floating tensor argument (`maximum(int_t, w)`,
+    `clamp(int_t, min=w)`): PyTorch computes in the promoted floating dtype, and `w`'s
+    gradient has the kink at `x == w` too. Casting x first is what PyTorch does inside
+    the op (same forward bits) and lets the policy reach `w`. In place, PyTorch refuses
+    the op itself (it cannot write floats into x)."""
+    floats = [t for t in call.inputs[1:] if _is_float(t)]
+    x = call.inputs[0]
+    if call.inplace or not floats or not isinstance(x, Tensor) or x.is_complex():
+        return call
+    # PyTorch's promotion: dimensioned tensors win over 0-d ones within a category,
+    # and any floating tensor wins over x's integer category.
+    pool = [t for t in floats if t.dim()] or floats
+    dtype = pool[0].dtype
+    for t in pool[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return call.replace({x: x.to(dtype)})
+
+
 def _broadcast(call: Call) -> Call:
     """Expand tensor inputs to the output shape, so the autograd node sees full-shape
     gradients (the engine would otherwise sum a broadcast input's gradient before our
@@ -178,8 +199,8 @@ class BinaryTie(Elementwise):
         return 1.0 if self.first_side == "plus" else 0.0  # "first"
 
     def apply(self, call: Call, value: Any) -> Any:
-        if not (_is_float(call.inputs[0]) and _is_float(call.inputs[1])):
-            return call.run()
+        if not (_is_float(call.inputs[0]) or _is_float(call.inputs[1])):
+            return call.run()  # integers: no gradient anywhere
         return super().apply(call, value)
 
 

@@ -1,0 +1,62 @@
+"""Adversarial cases from an independent review of issue 8: each once gave a silently
+wrong gradient (or is a guard against one). Expected values are written by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kinkgrad as kg
+from kinkgrad.at_kinks import force_lazy
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("op", [torch.maximum, torch.fmax])
+def test_integer_first_argument_of_maximum_gets_the_policy(lazy, op):
+    # maximum(int, float) computes in float; at the tie a == b the rule "first" gives the
+    # whole gradient to a (an integer: nothing), so b's gradient is 0 there, not 0.5.
+    a = torch.tensor([1, 2, 3])
+    b = torch.tensor([1.0, 5.0, 0.0], requires_grad=True)
+    with force_lazy(lazy), kg.policy(maximum="first", fmax="first"):
+        y = op(a, b)
+    assert torch.equal(_bits(y), _bits(op(a, b.detach())))
+    y.sum().backward()
+    assert b.grad.tolist() == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_integer_second_argument_of_minimum_gets_the_policy(lazy):
+    a = torch.tensor([1.0, 5.0, 0.0], requires_grad=True)
+    b = torch.tensor([1, 2, 3], dtype=torch.int32)
+    with force_lazy(lazy), kg.policy(minimum="first"):
+        y = torch.minimum(a, b)
+    assert y.dtype == torch.float32 and torch.equal(y, torch.minimum(a.detach(), b))
+    y.sum().backward()
+    assert a.grad.tolist() == [1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("a,expected", [(0.0, [1.0, 1.0, 0.0]), (1.0, [1.0, 0.0, 0.0])])
+def test_clamp_of_an_integer_tensor_by_a_learned_bound(lazy, a, expected):
+    # clamp(x, min=m) with x integer: at x == m the left piece (a = 0) is m, the right x.
+    x = torch.tensor([0, 1, 2])
+    m = torch.tensor([1.0, 1.0, 1.0], requires_grad=True)
+    with force_lazy(lazy), kg.policy(clamp=a):
+        y = torch.clamp(x, min=m)
+    assert torch.equal(y, torch.clamp(x, min=m.detach()))
+    y.sum().backward()
+    assert m.grad.tolist() == expected
+
+
+def test_integer_promotion_follows_pytorch_for_zero_dim_bounds():
+    x = torch.tensor([0, 1, 2])
+    m = torch.tensor(1.0, dtype=torch.float16, requires_grad=True)
+    with kg.policy(clamp=0.0):
+        y = torch.clamp(x, min=m)
+    assert y.dtype == torch.clamp(x, min=m.detach()).dtype == torch.float16
+    y.sum().backward()
+    assert m.grad.item() == 2.0
