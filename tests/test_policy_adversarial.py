@@ -11,7 +11,8 @@ from kinkgrad.at_kinks import force_lazy
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.detach().contiguous().view(ints[t.element_size()])
 
 
 @pytest.mark.parametrize("lazy", [False, True])
@@ -60,3 +61,39 @@ def test_integer_promotion_follows_pytorch_for_zero_dim_bounds():
     assert y.dtype == torch.clamp(x, min=m.detach()).dtype == torch.float16
     y.sum().backward()
     assert m.grad.item() == 2.0
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("a", [0.0, 0.5, 1.0])
+def test_softshrink_kink_is_where_its_forward_has_it_in_low_precision(lazy, a):
+    # softshrink compares float16/bfloat16 inputs with float32(lambd). float16(0.1) is
+    # below 0.1 (dead zone: slope 0), bfloat16(0.1) above (forward x - 0.1 != 0): neither
+    # is a kink, so no policy value may change PyTorch's gradient there.
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.tensor([0.1, -0.1, 0.5, -0.5], dtype=dtype, requires_grad=True)
+        with force_lazy(lazy), kg.policy(softshrink=a):
+            y = torch.nn.functional.softshrink(x, 0.1)
+        y.sum().backward()
+        ref = x.detach().clone().requires_grad_(True)
+        torch.nn.functional.softshrink(ref, 0.1).sum().backward()
+        assert torch.equal(x.grad, ref.grad), dtype
+    # 0.5 is exact in every dtype: a kink, where the policy applies.
+    x = torch.tensor([0.5, -0.5], dtype=torch.bfloat16, requires_grad=True)
+    with force_lazy(lazy), kg.policy(softshrink=a):
+        torch.nn.functional.softshrink(x, 0.5).sum().backward()
+    assert x.grad.tolist() == [a, 1.0 - a]
+
+
+def test_threshold_jump_is_where_its_forward_has_it_in_low_precision():
+    # float16(0.1) < float32(0.1): threshold returns `value` there, a flat piece, so the
+    # straight-through surrogate (slope 1 only at the jump) must not apply.
+    x = torch.tensor([0.1, 0.5], dtype=torch.float16, requires_grad=True)
+    with kg.policy(threshold="ste"):
+        y = torch.nn.functional.threshold(x, 0.1, -1.0)
+    assert y.tolist() == [-1.0, 0.5]
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0]
+    x = torch.tensor([0.1], dtype=torch.float32, requires_grad=True)  # on the jump
+    with kg.policy(threshold="ste"):
+        torch.nn.functional.threshold(x, 0.1, -1.0).sum().backward()
+    assert x.grad.tolist() == [1.0]
