@@ -210,20 +210,26 @@ class BinaryTie(Elementwise):
 
 
 class _Surrogate(torch.autograd.Function):
-    """Identity on PyTorch's own output; backward is the jump policy's rule."""
+    """Identity on PyTorch's own output; backward is the jump policy's rule. Written with
+    `setup_context` and a generated vmap rule, so torch.func transforms accept it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, rule, out, snapshot, *inputs):  # type: ignore[override]
-        # snapshot: the input's values for the rule (a copy when the op is in place,
-        # which overwrites the input itself).
-        ctx.rule = rule
-        ctx.save_for_backward(*(inputs if snapshot is None else (snapshot,)))
+    def forward(rule, out, on_jump, snapshot, x):  # type: ignore[override]  # noqa: ANN001
         return out.clone()
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        grads = ctx.rule(g, *ctx.saved_tensors)
-        return (None, None, None, *grads)
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        # snapshot: the input's values for the rule (a copy when the op is in place,
+        # which overwrites the input itself).
+        ctx.rule, _, on_jump, snapshot, x = inputs
+        ctx.save_for_backward(on_jump, x if snapshot is None else snapshot)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]  # noqa: ANN001
+        on_jump, xs = ctx.saved_tensors
+        return None, None, None, None, ctx.rule(g, xs, on_jump)
 
 
 class Jump(Family):
@@ -274,15 +280,16 @@ class Jump(Family):
         native = self.native_grad
         ste = value == "ste"
         if ste and self.piecewise_constant:
-            rule = lambda g, xs: (g.clone(),)
+            rule = lambda g, xs, on_jump: g.clone()
         else:
 
-            def rule(g, xs, on_jump=on_jump):
+            def rule(g, xs, on_jump):
                 base = native(g, call, xs) if native is not None else torch.zeros_like(g)
                 at = g if ste else torch.zeros_like(g)
-                return (torch.where(on_jump, at, base),)
+                return torch.where(on_jump, at, base)
 
-        res = _Surrogate.apply(rule, out, x.detach().clone() if call.inplace else None, x)
+        snapshot = x.detach().clone() if call.inplace else None
+        res = _Surrogate.apply(rule, out, on_jump, snapshot, x)
         if call.inplace:
             return x.copy_(res)
         return res
