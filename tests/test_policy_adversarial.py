@@ -125,3 +125,32 @@ def test_jump_surrogates_under_torch_func(name, fn, x, expected):
         whole = torch.func.grad(lambda t: fn(t).sum())(x)
     assert per_row.tolist() == expected
     assert whole.tolist() == expected
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_in_place_on_a_view_gives_equal_gradients_up_to_the_sign_of_zero(lazy):
+    # Documented in at_kinks.py: with the nodes inserted, an in-place op on a view turns
+    # -0.0 gradient elements of the base into +0.0. Values must still equal PyTorch's
+    # off the kink, and the policy's on it; out of place, the bits are PyTorch's.
+    x = torch.tensor([-1.0, 2.0, -3.0, 0.0, 5.0, -2.0])
+    g = torch.tensor([-0.0, -0.0, -0.0, 1.0, -0.0, 2.0])
+
+    def grad(fn, policy):
+        t = x.clone().requires_grad_(True)
+        with force_lazy(lazy), kg.policy(**policy):
+            y = fn(t)
+        (y * g).sum().backward()
+        return t.grad
+
+    def on_view(t):
+        y = t * 1.0
+        y[1:].relu_()
+        return y
+
+    ours, plain = grad(on_view, {"relu": 1.0}), grad(on_view, {})
+    assert torch.equal(ours[[0, 1, 2, 4, 5]], plain[[0, 1, 2, 4, 5]])  # == : -0.0 == 0.0
+    assert ours[3].item() == 1.0 and plain[3].item() == 0.0
+    assert torch.signbit(plain[0]) and not torch.signbit(ours[0])  # the documented case
+    ours, plain = grad(torch.relu, {"relu": 1.0}), grad(torch.relu, {})
+    keep = torch.tensor([True, True, True, False, True, True])
+    assert torch.equal(_bits(ours[keep]), _bits(plain[keep]))
