@@ -28,6 +28,7 @@ from .calls import (  # noqa: F401  (re-exported: certify and watch import them 
     _needs_grad,
     _warn_once,
     check_node_inputs,
+    refuse_forward_ad,
 )
 from .ties import (  # noqa: F401  (re-exported)
     Pool,
@@ -92,6 +93,7 @@ class Elementwise(Family):
         return self.kinks(call), call
 
     def apply(self, call: Call, value: Any) -> Any:
+        refuse_forward_ad(call, value)
         if not _is_float(call.inputs[0]):
             call = _promote(call)
         x = call.inputs[0]
@@ -269,11 +271,12 @@ class Jump(Family):
         return self.jumps(call)
 
     def apply(self, call: Call, value: Any) -> Any:
+        if value == "zero" and self.native_is_policy_zero:
+            return call.run()  # PyTorch already returns the a.e. derivative, 0 at the jump
+        refuse_forward_ad(call, value)
         x = call.inputs[0]
         if not _is_float(x) or not (torch.is_grad_enabled() and x.requires_grad):
             return call.run()
-        if value == "zero" and self.native_is_policy_zero:
-            return call.run()  # PyTorch already returns the a.e. derivative, 0 at the jump
         on_jump = self.jumps(call)
         with torch.no_grad():
             out = call.run() if not call.inplace else self._outofplace(call)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .at_kinks import Block, traced
-from .calls import Call, Family, _bind, _is_float, _warn_once
+from .calls import Call, Family, _bind, _is_float, _warn_once, refuse_forward_ad
 
 # --------------------------------------------------------------------------------------
 # Selections: reductions, sort, topk, kthvalue, median
@@ -174,6 +174,7 @@ def _apply_tie_rule(fam: Any, call: Call, rule: str) -> Any:
     """Eager: PyTorch's gradient patched at tied inputs by a hook (no extra forward).
     Traced, compiled or under torch.func, where hooks on nodes cannot run: the same
     gradient from two autograd nodes, as for elementwise kinks (`at_kinks.py`)."""
+    refuse_forward_ad(call, rule)
     if not traced():
 
         def fix(native: Tensor, g: Tensor, values: Tensor) -> Tensor:

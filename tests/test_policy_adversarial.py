@@ -154,3 +154,40 @@ def test_in_place_on_a_view_gives_equal_gradients_up_to_the_sign_of_zero(lazy):
     ours, plain = grad(torch.relu, {"relu": 1.0}), grad(torch.relu, {})
     keep = torch.tensor([True, True, True, False, True, True])
     assert torch.equal(_bits(ours[keep]), _bits(plain[keep]))
+
+
+@pytest.mark.parametrize(
+    "name,fn,value",
+    [
+        ("relu", torch.relu, 1.0),
+        ("clamp", lambda t: torch.clamp(t, min=0.0), 0.0),
+        ("sort", lambda t: torch.sort(t).values, "split"),
+        ("max_pool1d", lambda t: torch.nn.functional.max_pool1d(t[None], 2)[0], "split"),
+        ("sign", torch.sign, "ste"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["jvp", "jacfwd", "dual"])
+def test_forward_mode_is_refused_loudly(name, fn, value, mode):
+    # Policies are reverse-mode nodes: a tangent would silently get PyTorch's derivative
+    # at the kink (jvp of relu at 0 gave 0 under relu=1.0).
+    x, t = torch.tensor([0.0, 0.0, 1.0, -1.0]), torch.ones(4)
+    with kg.policy(**{name: value}), pytest.raises(RuntimeError, match="kinkgrad: .*forward-mode"):
+        if mode == "jvp":
+            torch.func.jvp(fn, (x,), (t,))
+        elif mode == "jacfwd":
+            torch.func.jacfwd(fn)(x)
+        else:
+            import torch.autograd.forward_ad as fwAD
+
+            with fwAD.dual_level():
+                fn(fwAD.make_dual(x, t))
+
+
+def test_forward_mode_still_runs_where_the_policy_is_pytorchs():
+    x, t = torch.tensor([0.0, 1.0]), torch.ones(2)
+    with kg.policy(relu="torch", sign="zero"):
+        assert torch.func.jvp(torch.relu, (x,), (t,))[1].tolist() == [0.0, 1.0]
+        assert torch.func.jvp(torch.sign, (x,), (t,))[1].tolist() == [0.0, 0.0]
+    # reverse mode under the same policy that forward mode refuses
+    with kg.policy(relu=1.0):
+        assert torch.func.jacrev(torch.relu)(x).diagonal().tolist() == [1.0, 1.0]
