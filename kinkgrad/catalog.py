@@ -610,7 +610,7 @@ def _entries() -> list[OpSpec]:
         OpSpec(
             "sort",
             "tie",
-            _fns("torch.sort", "Tensor.sort"),
+            _fns("torch.sort", "Tensor.sort", "torch.msort", "Tensor.msort"),
             "equal elements (any permutation of them sorts)",
             "each permutation of a tied group",
             "convex hull of the permutations",

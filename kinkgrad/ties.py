@@ -40,6 +40,8 @@ class Selection(Family):
 
     def bind(self, func: Callable, args: tuple, kwargs: dict) -> Call:
         params = _bind(self.names, self.defaults, args, kwargs)
+        if func is torch.msort or func is Tensor.msort:  # sort(x, dim=0).values
+            params["dim"] = 0
         mode = self.mode
         if mode == "auto":
             mode = "full" if params.get("dim") is None else "dim"

@@ -191,3 +191,15 @@ def test_forward_mode_still_runs_where_the_policy_is_pytorchs():
     # reverse mode under the same policy that forward mode refuses
     with kg.policy(relu=1.0):
         assert torch.func.jacrev(torch.relu)(x).diagonal().tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("msort", [torch.msort, torch.Tensor.msort])
+def test_msort_is_a_spelling_of_sort(lazy, msort):
+    # msort(x) == sort(x, dim=0).values; it ran as plain PyTorch under sort="split".
+    x = torch.tensor([[1.0, 2.0], [1.0, 0.0], [3.0, 0.0]], requires_grad=True)
+    with force_lazy(lazy), kg.policy(sort="split"):
+        y = msort(x)
+    assert torch.equal(y, torch.sort(x.detach(), dim=0).values)
+    (y * torch.tensor([[1.0], [2.0], [4.0]])).sum().backward()
+    assert x.grad.tolist() == [[1.5, 4.0], [1.5, 1.5], [4.0, 1.5]]
