@@ -752,7 +752,7 @@ def _entries() -> list[OpSpec]:
                     ),
                 ),
             )
-            for nd in (1, 2)
+            for nd in (1, 2, 3)
         ],
         # ---------------- jumps ----------------
         _jump(

@@ -305,7 +305,7 @@ def _selection_grad(X: Tensor, V: Tensor, G: Tensor, rule: str) -> tuple[Tensor,
 
 
 class Pool(Family):
-    """max_pool{1,2,3}d and adaptive_max_pool{1,2}d: a tie is a window whose maximum is
+    """max_pool{1,2,3}d and adaptive_max_pool{1,2,3}d: a tie is a window whose maximum is
     carried by several inputs. PyTorch gives the window's gradient to the first of
     them in scan order, which is exactly "first"; "split" shares it equally."""
 

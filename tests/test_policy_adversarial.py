@@ -203,3 +203,24 @@ def test_msort_is_a_spelling_of_sort(lazy, msort):
     assert torch.equal(y, torch.sort(x.detach(), dim=0).values)
     (y * torch.tensor([[1.0], [2.0], [4.0]])).sum().backward()
     assert x.grad.tolist() == [[1.5, 4.0], [1.5, 1.5], [4.0, 1.5]]
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_adaptive_max_pool3d_gets_the_policy(lazy):
+    # Not in the catalog before: it ran as plain PyTorch under any policy.
+    torch.manual_seed(0)
+    x = torch.randint(0, 2, (2, 3, 4, 5, 6)).float()
+    g = torch.randn(2, 3, 2, 3, 4)
+    ref = x.clone().requires_grad_(True)
+    (torch.nn.functional.adaptive_max_pool3d(ref, (2, 3, 4)) * g).sum().backward()
+    for rule in ("first", "split"):
+        t = x.clone().requires_grad_(True)
+        with force_lazy(lazy), kg.policy(adaptive_max_pool3d=rule):
+            y = torch.nn.AdaptiveMaxPool3d((2, 3, 4))(t)
+        assert torch.equal(y, torch.nn.functional.adaptive_max_pool3d(x, (2, 3, 4)))
+        (y * g).sum().backward()
+        if rule == "first":  # PyTorch's own rule: first tied element in scan order
+            assert torch.equal(_bits(t.grad), _bits(ref.grad))
+        else:  # a window of 0/1 values, all tied: each gets an equal share
+            assert not torch.equal(t.grad, ref.grad)
+            assert torch.allclose(t.grad.sum(), g.sum())
