@@ -224,3 +224,85 @@ def test_adaptive_max_pool3d_gets_the_policy(lazy):
         else:  # a window of 0/1 values, all tied: each gets an equal share
             assert not torch.equal(t.grad, ref.grad)
             assert torch.allclose(t.grad.sum(), g.sum())
+
+
+class _Block(torch.nn.Module):
+    """ResNet BasicBlock: conv-bn-relu-conv-bn, `out += identity`, relu (one module)."""
+
+    def __init__(self, relu: torch.nn.Module) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.b1 = torch.nn.BatchNorm2d(4)
+        self.c2 = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.b2 = torch.nn.BatchNorm2d(4)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.b1(self.c1(x)))
+        out = self.b2(self.c2(out))
+        out += x
+        return self.relu(out)
+
+
+class _HandReLU(torch.nn.Module):
+    """relu with derivative `a` at 0, written out: the independent computation."""
+
+    def __init__(self, a: float) -> None:
+        super().__init__()
+        self.a = a
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        on = (z == 0).to(z.dtype)
+        return torch.where(z > 0, z, torch.zeros_like(z)) + self.a * (z - z.detach()) * on
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("a", [0.0, 0.5, 1.0])
+def test_resnet_block_with_in_place_relu_matches_a_hand_written_policy(lazy, a):
+    torch.manual_seed(1)
+    net = _Block(torch.nn.ReLU(inplace=True))
+    with torch.no_grad():  # exact zeros at both ReLUs: dead channels, identity residual
+        net.c1.weight[:2] = 0
+        net.c2.weight.zero_()
+        net.c2.weight[0, 0, 1, 1] = 1.0
+    hand = _Block(_HandReLU(a))
+    hand.load_state_dict(net.state_dict())
+    x = (torch.randn(2, 4, 5, 5) * 2).round() / 2
+    g = torch.randn(2, 4, 5, 5)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with force_lazy(lazy), kg.policy(relu=a):
+        y1 = net(x1)
+    y2 = hand(x2)
+    assert torch.equal(_bits(y1), _bits(y2))
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    assert torch.equal(x1.grad, x2.grad)
+    for p, q in zip(net.parameters(), hand.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+    assert int((x == 0).sum()) > 0  # the second ReLU sits on its kink
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_gradient_penalty_through_a_policy(lazy):
+    # f(w) = || d/dx sum(relu(w * x)) ||^2 with kinks at x = 0: d/dx = w * relu'(w x).
+    x = torch.tensor([0.0, 1.0, -1.0, 0.0], requires_grad=True)
+    w = torch.tensor([2.0, 3.0, 1.0, -1.0], requires_grad=True)
+    with force_lazy(lazy), kg.policy(relu=1.0):
+        y = torch.relu(w * x).sum()
+    (gx,) = torch.autograd.grad(y, x, create_graph=True)
+    (gx**2).sum().backward()
+    assert gx.tolist() == [2.0, 3.0, 0.0, -1.0]
+    assert w.grad.tolist() == [4.0, 6.0, 0.0, -2.0]
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_tie_policy_survives_retain_graph_and_a_second_backward(lazy):
+    x = torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 2.0]], requires_grad=True)
+    with force_lazy(lazy), kg.policy(max="split"):
+        v = torch.max(x, dim=1).values
+    loss = (v * torch.tensor([1.0, 3.0])).sum()
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    assert first.tolist() == [[0.5, 0.5, 0.0], [1.0, 1.0, 1.0]]
+    assert torch.equal(x.grad, 2 * first)
