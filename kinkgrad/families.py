@@ -273,7 +273,8 @@ class Jump(Family):
     def apply(self, call: Call, value: Any) -> Any:
         if value == "zero" and self.native_is_policy_zero:
             return call.run()  # PyTorch already returns the a.e. derivative, 0 at the jump
-        refuse_forward_ad(call, value)
+        if value != "zero":  # forward mode's derivative of a jump is 0: "zero" is exact
+            refuse_forward_ad(call, value)
         x = call.inputs[0]
         if not _is_float(x) or not (torch.is_grad_enabled() and x.requires_grad):
             return call.run()
