@@ -94,7 +94,7 @@ class Elementwise(Family):
 
     def apply(self, call: Call, value: Any) -> Any:
         refuse_forward_ad(call, value)
-        if not _is_float(call.inputs[0]):
+        if not _is_float(call.inputs[0]) and _grad_wanted(call.inputs):
             call = _promote(call)
         x = call.inputs[0]
         if not _is_float(x) or x.numel() == 0 or not _grad_wanted(call.inputs):
