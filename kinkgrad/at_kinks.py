@@ -14,6 +14,15 @@ is copied back with `copy_`, which autograd tracks), checkpoint recomputation, d
 backward, `torch.compile` (both nodes trace into the graph) and `torch.func`
 (`generate_vmap_rule`).
 
+One difference in the sign of zero remains, for in-place ops on a view (`y[1:].relu_()`)
+when the nodes are inserted (a kink is hit, or the lazy path): the base then receives
+its gradient along two paths (the in-place copy and the view read by `Block`), and
+autograd pads the view's path with +0.0, so a -0.0 gradient element of the base comes
+back as +0.0. Values are equal (-0.0 == 0.0); only sign-sensitive uses of a gradient
+(`copysign`, `1 / g`, `torch.signbit`) can tell. PyTorch's own in-place op has a single
+path; matching it would need a nested backward (`tests/test_policy_adversarial.py`
+pins the current behaviour).
+
 Which path a call takes: on CPU in eager mode one cheap reduction first decides whether
 any element sits on a kink at all (`Kink.possible`) and, if none does, the op runs plain.
 On accelerators (asking would synchronise the host), while tracing or compiling, and

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 
@@ -119,6 +120,25 @@ def _grad_wanted(inputs: Sequence[Any]) -> bool:
         if isinstance(t, Tensor) and t.requires_grad:
             return True
     return False
+
+
+def refuse_forward_ad(call: Call, value: Any) -> None:
+    """Raise if an input carries a forward-mode tangent (torch.func.jvp, jacfwd,
+    `torch.autograd.forward_ad`): policies are autograd nodes of reverse mode, so the
+    tangent would silently get PyTorch's derivative at every kink."""
+    if fwAD._current_level < 0:  # no dual level open: the common case costs one read
+        return
+    for t in call.inputs:
+        if isinstance(t, Tensor) and fwAD.unpack_dual(t).tangent is not None:
+            name = getattr(call.func, "__name__", str(call.func))
+            raise RuntimeError(
+                f"kinkgrad: {name} received a forward-mode tangent (torch.func.jvp, "
+                f"jacfwd or torch.autograd.forward_ad) under the policy {value!r}; "
+                "policies apply to reverse mode only (backward, torch.func.vjp, grad, "
+                "jacrev), and forward mode would silently use PyTorch's derivative at "
+                "kinks. Use reverse mode, or kinkgrad.certified_grad for directional "
+                "derivatives"
+            )
 
 
 _WARNED: set[str] = set()

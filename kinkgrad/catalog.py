@@ -126,6 +126,38 @@ def _clamp_kinks(c: Call) -> list[Kink]:
     return out
 
 
+def _softshrink_kinks(c: Call) -> list[Kink]:
+    """softshrink compares x with lambd in float32 for float16/bfloat16 inputs (unlike
+    clamp and hardtanh, which round the bound to x's dtype): its kinks are at
+    float32(lambd), and an x on the grid of float16/bfloat16 sits there only when that
+    value is representable; otherwise no element is on a kink (bfloat16(0.1) is already
+    on the linear piece: PyTorch's forward returns x - 0.1 there)."""
+    x = _x(c)
+    lambd = _opmath_point(x, float(c.params["lambd"]))
+    if lambd is None or not lambd > 0:
+        return []
+    return [Kink(x, -lambd, (1.0,), (0.0,), (1.0,)), Kink(x, lambd, (0.0,), (1.0,), (1.0,))]
+
+
+def _opmath_point(x: Tensor, point: float) -> float | None:
+    """`point` as an op that computes float16/bfloat16 in float32 compares with it
+    (softshrink, threshold), or None when no value of x's dtype equals it."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return point
+    point = torch.tensor(point, dtype=torch.float32).item()
+    return point if torch.tensor(point, dtype=x.dtype).item() == point else None
+
+
+def _threshold_jumps(c: Call) -> Tensor:
+    """threshold keeps x where x > float32(threshold) for float16/bfloat16 (see
+    `_opmath_point`): the jump is there, not at the threshold rounded to x's dtype."""
+    x = _x(c)
+    point = _opmath_point(x, float(c.params["threshold"]))
+    if point is None:
+        return torch.zeros_like(x, dtype=torch.bool)
+    return x == point
+
+
 def _lt(lo: Any, hi: Any) -> Any:
     """lo < hi for numbers or tensors. With lo >= hi clamp is constant in x (PyTorch
     returns hi), so neither bound is a kink of x; that case keeps PyTorch's gradient."""
@@ -459,13 +491,7 @@ def _entries() -> list[OpSpec]:
             E(
                 ("lambd",),
                 {"lambd": 0.5},
-                _scalar_kinks(
-                    lambda p: (
-                        [(-float(p["lambd"]), 1.0, 0.0), (float(p["lambd"]), 0.0, 1.0)]
-                        if p["lambd"] > 0
-                        else []
-                    )
-                ),
+                _softshrink_kinks,
             ),
             (
                 _p("x=-0.5", [[-0.5]], F.softshrink, "[0, 1]", _within(0, 1)),
@@ -584,7 +610,7 @@ def _entries() -> list[OpSpec]:
         OpSpec(
             "sort",
             "tie",
-            _fns("torch.sort", "Tensor.sort"),
+            _fns("torch.sort", "Tensor.sort", "torch.msort", "Tensor.msort"),
             "equal elements (any permutation of them sorts)",
             "each permutation of a tied group",
             "convex hull of the permutations",
@@ -726,7 +752,7 @@ def _entries() -> list[OpSpec]:
                     ),
                 ),
             )
-            for nd in (1, 2)
+            for nd in (1, 2, 3)
         ],
         # ---------------- jumps ----------------
         _jump(
@@ -832,7 +858,7 @@ def _entries() -> list[OpSpec]:
             Jump(
                 ("threshold", "value", "inplace"),
                 {"inplace": False},
-                lambda c: _x(c) == c.params["threshold"],
+                _threshold_jumps,
                 False,
                 lambda g, c, x: torch.ops.aten.threshold_backward(g, x, c.params["threshold"]),
                 _fns("F.threshold_", "torch.threshold_"),

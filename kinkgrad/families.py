@@ -28,6 +28,7 @@ from .calls import (  # noqa: F401  (re-exported: certify and watch import them 
     _needs_grad,
     _warn_once,
     check_node_inputs,
+    refuse_forward_ad,
 )
 from .ties import (  # noqa: F401  (re-exported)
     Pool,
@@ -92,6 +93,9 @@ class Elementwise(Family):
         return self.kinks(call), call
 
     def apply(self, call: Call, value: Any) -> Any:
+        refuse_forward_ad(call, value)
+        if not _is_float(call.inputs[0]) and _grad_wanted(call.inputs):
+            call = _promote(call)
         x = call.inputs[0]
         if not _is_float(x) or x.numel() == 0 or not _grad_wanted(call.inputs):
             return call.run()  # no gradient will be asked for: the forward is all there is
@@ -138,6 +142,25 @@ class Elementwise(Family):
         return mask
 
 
+def _promote(call: Call) -> Call:
+    """An integer or bool x with a floating tensor argument (`maximum(int_t, w)`,
+    `clamp(int_t, min=w)`): PyTorch computes in the promoted floating dtype, and `w`'s
+    gradient has the kink at `x == w` too. Casting x first is what PyTorch does inside
+    the op (same forward bits) and lets the policy reach `w`. In place, PyTorch refuses
+    the op itself (it cannot write floats into x)."""
+    floats = [t for t in call.inputs[1:] if _is_float(t)]
+    x = call.inputs[0]
+    if call.inplace or not floats or not isinstance(x, Tensor) or x.is_complex():
+        return call
+    # PyTorch's promotion: dimensioned tensors win over 0-d ones within a category,
+    # and any floating tensor wins over x's integer category.
+    pool = [t for t in floats if t.dim()] or floats
+    dtype = pool[0].dtype
+    for t in pool[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return call.replace({x: x.to(dtype)})
+
+
 def _broadcast(call: Call) -> Call:
     """Expand tensor inputs to the output shape, so the autograd node sees full-shape
     gradients (the engine would otherwise sum a broadcast input's gradient before our
@@ -178,8 +201,8 @@ class BinaryTie(Elementwise):
         return 1.0 if self.first_side == "plus" else 0.0  # "first"
 
     def apply(self, call: Call, value: Any) -> Any:
-        if not (_is_float(call.inputs[0]) and _is_float(call.inputs[1])):
-            return call.run()
+        if not (_is_float(call.inputs[0]) or _is_float(call.inputs[1])):
+            return call.run()  # integers: no gradient anywhere
         return super().apply(call, value)
 
 
@@ -189,20 +212,26 @@ class BinaryTie(Elementwise):
 
 
 class _Surrogate(torch.autograd.Function):
-    """Identity on PyTorch's own output; backward is the jump policy's rule."""
+    """Identity on PyTorch's own output; backward is the jump policy's rule. Written with
+    `setup_context` and a generated vmap rule, so torch.func transforms accept it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, rule, out, snapshot, *inputs):  # type: ignore[override]
-        # snapshot: the input's values for the rule (a copy when the op is in place,
-        # which overwrites the input itself).
-        ctx.rule = rule
-        ctx.save_for_backward(*(inputs if snapshot is None else (snapshot,)))
+    def forward(rule, out, on_jump, snapshot, x):  # type: ignore[override]  # noqa: ANN001
         return out.clone()
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        grads = ctx.rule(g, *ctx.saved_tensors)
-        return (None, None, None, *grads)
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        # snapshot: the input's values for the rule (a copy when the op is in place,
+        # which overwrites the input itself).
+        ctx.rule, _, on_jump, snapshot, x = inputs
+        ctx.save_for_backward(on_jump, x if snapshot is None else snapshot)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]  # noqa: ANN001
+        on_jump, xs = ctx.saved_tensors
+        return None, None, None, None, ctx.rule(g, xs, on_jump)
 
 
 class Jump(Family):
@@ -242,26 +271,29 @@ class Jump(Family):
         return self.jumps(call)
 
     def apply(self, call: Call, value: Any) -> Any:
+        if value == "zero" and self.native_is_policy_zero:
+            return call.run()  # PyTorch already returns the a.e. derivative, 0 at the jump
+        if value != "zero":  # forward mode's derivative of a jump is 0: "zero" is exact
+            refuse_forward_ad(call, value)
         x = call.inputs[0]
         if not _is_float(x) or not (torch.is_grad_enabled() and x.requires_grad):
             return call.run()
-        if value == "zero" and self.native_is_policy_zero:
-            return call.run()  # PyTorch already returns the a.e. derivative, 0 at the jump
         on_jump = self.jumps(call)
         with torch.no_grad():
             out = call.run() if not call.inplace else self._outofplace(call)
         native = self.native_grad
         ste = value == "ste"
         if ste and self.piecewise_constant:
-            rule = lambda g, xs: (g.clone(),)
+            rule = lambda g, xs, on_jump: g.clone()
         else:
 
-            def rule(g, xs, on_jump=on_jump):
+            def rule(g, xs, on_jump):
                 base = native(g, call, xs) if native is not None else torch.zeros_like(g)
                 at = g if ste else torch.zeros_like(g)
-                return (torch.where(on_jump, at, base),)
+                return torch.where(on_jump, at, base)
 
-        res = _Surrogate.apply(rule, out, x.detach().clone() if call.inplace else None, x)
+        snapshot = x.detach().clone() if call.inplace else None
+        res = _Surrogate.apply(rule, out, on_jump, snapshot, x)
         if call.inplace:
             return x.copy_(res)
         return res

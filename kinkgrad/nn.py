@@ -64,6 +64,7 @@ MaxPool2d = _dropin(tnn.MaxPool2d, "max_pool2d")
 MaxPool3d = _dropin(tnn.MaxPool3d, "max_pool3d")
 AdaptiveMaxPool1d = _dropin(tnn.AdaptiveMaxPool1d, "adaptive_max_pool1d")
 AdaptiveMaxPool2d = _dropin(tnn.AdaptiveMaxPool2d, "adaptive_max_pool2d")
+AdaptiveMaxPool3d = _dropin(tnn.AdaptiveMaxPool3d, "adaptive_max_pool3d")
 
 __all__ = [
     "ReLU",
@@ -80,4 +81,5 @@ __all__ = [
     "MaxPool3d",
     "AdaptiveMaxPool1d",
     "AdaptiveMaxPool2d",
+    "AdaptiveMaxPool3d",
 ]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .at_kinks import Block, traced
-from .calls import Call, Family, _bind, _is_float, _warn_once
+from .calls import Call, Family, _bind, _is_float, _warn_once, refuse_forward_ad
 
 # --------------------------------------------------------------------------------------
 # Selections: reductions, sort, topk, kthvalue, median
@@ -40,6 +40,8 @@ class Selection(Family):
 
     def bind(self, func: Callable, args: tuple, kwargs: dict) -> Call:
         params = _bind(self.names, self.defaults, args, kwargs)
+        if func is torch.msort or func is Tensor.msort:  # sort(x, dim=0).values
+            params["dim"] = 0
         mode = self.mode
         if mode == "auto":
             mode = "full" if params.get("dim") is None else "dim"
@@ -174,6 +176,7 @@ def _apply_tie_rule(fam: Any, call: Call, rule: str) -> Any:
     """Eager: PyTorch's gradient patched at tied inputs by a hook (no extra forward).
     Traced, compiled or under torch.func, where hooks on nodes cannot run: the same
     gradient from two autograd nodes, as for elementwise kinks (`at_kinks.py`)."""
+    refuse_forward_ad(call, rule)
     if not traced():
 
         def fix(native: Tensor, g: Tensor, values: Tensor) -> Tensor:
@@ -302,7 +305,7 @@ def _selection_grad(X: Tensor, V: Tensor, G: Tensor, rule: str) -> tuple[Tensor,
 
 
 class Pool(Family):
-    """max_pool{1,2,3}d and adaptive_max_pool{1,2}d: a tie is a window whose maximum is
+    """max_pool{1,2,3}d and adaptive_max_pool{1,2,3}d: a tie is a window whose maximum is
     carried by several inputs. PyTorch gives the window's gradient to the first of
     them in scan order, which is exactly "first"; "split" shares it equally."""
 

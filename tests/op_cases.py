@@ -109,6 +109,7 @@ POOL = {
     "max_pool3d": [lambda x: F.max_pool3d(x.reshape(1, 1, *x.shape), (1, 2, 2))],
     "adaptive_max_pool1d": [lambda x: F.adaptive_max_pool1d(x.reshape(1, 1, -1), 3)],
     "adaptive_max_pool2d": [lambda x: torch.nn.AdaptiveMaxPool2d(2)(x.unsqueeze(0))],
+    "adaptive_max_pool3d": [lambda x: F.adaptive_max_pool3d(x.reshape(1, 1, *x.shape), (1, 2, 2))],
 }
 
 JUMP = {
