@@ -78,7 +78,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules import module as nn_module
 
-from . import ops, watch_count, watch_dist, watch_optimizer, watch_plot, watch_report
+from . import ops, watch_compiled, watch_count, watch_dist, watch_optimizer, watch_plot, watch_report
 from .families import Elementwise, Jump, Pool, Selection
 from .intercept import acquire, release
 from .policy import STATE
@@ -143,6 +143,7 @@ class Watcher:
         #: Calls inside torch.func transforms the watcher could not count, per op.
         self.uncounted: dict[str, int] = {}
         self._said_effective = False
+        self._wid = watch_compiled.register(self)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -201,18 +202,26 @@ class Watcher:
         if name is None:
             return
         if module is self.model:
-            # A forward replayed by certification (its tangent pass) is not a new step.
-            if self._root_depth == 0 and not self._manual and not ops.REPLAY.active:
-                if self._forwards:
-                    self._step += 1
-                self._forwards += 1
-            self._root_depth += 1
+            if torch.compiler.is_compiling():  # steps advance when the graph runs
+                if ROOT not in self._stack:
+                    watch_compiled.new_forward(self)
+            else:
+                if self._root_depth == 0:
+                    self._new_forward()
+                self._root_depth += 1
         self._stack.append(name)
+
+    def _new_forward(self) -> None:
+        # A forward replayed by certification (its tangent pass) is not a new step.
+        if not self._manual and not ops.REPLAY.active:
+            if self._forwards:
+                self._step += 1
+            self._forwards += 1
 
     def _post(self, module: Any, args: Any, output: Any) -> None:  # None: output unchanged
         if module in self._names and self._stack:
             self._stack.pop()
-            if module is self.model:
+            if module is self.model and not torch.compiler.is_compiling():
                 self._root_depth = max(0, self._root_depth - 1)
 
     def step(self) -> int:
@@ -240,10 +249,13 @@ class Watcher:
         x = call.inputs[0] if call.inputs else None
         if not isinstance(x, Tensor):
             return
-        # (torch.compile traces torch.func transforms itself, on its own tensors.)
-        transformed = (
-            not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x)
-        )
+        if torch.compiler.is_compiling():  # (it traces torch.func transforms itself)
+            module = self._stack[-1] if self._stack else OUTSIDE
+            call.extra[self] = watch_compiled.before(self, spec, call, x, module)
+            return
+        if watch_compiled.in_compiled_graph(3):  # (from: dispatch, the mode, the graph)
+            return
+        transformed = torch._C._functorch.is_functorch_wrapped_tensor(x)
         if transformed:  # inside torch.func.vmap / grad: count the plain tensor below
             call = self._unwrapped(spec, call)
             if call is None:
@@ -325,16 +337,20 @@ class Watcher:
             )
         return None
 
-    def after(self, spec: Any, call: Any, out: Any) -> None:
+    def after(self, spec: Any, call: Any, out: Any) -> Any:
+        """Count tie ops from `out`; None, or (under torch.compile) the output to use
+        instead of `out`, the same values through an identity autograd node."""
         entry = call.extra.pop(self, None)
         if entry is None:
-            return
+            return None
+        if torch.compiler.is_compiling():
+            return watch_compiled.after(self, spec, call, out, entry)
         row, exact = entry
         if exact is None:
-            return  # elementwise call without exact hits: nothing for the backward
+            return None  # elementwise call without exact hits: nothing for the backward
         values = out[0] if isinstance(out, tuple) else out
         if not isinstance(values, Tensor):
-            return
+            return None
         backward = values.requires_grad and torch.is_grad_enabled()
         try:
             with torch._C.DisableTorchFunction(), torch.no_grad():
@@ -344,6 +360,7 @@ class Watcher:
                     self._watch_backward(values, exact, row)
         except Exception as e:
             self._failed(spec, e)
+        return None
 
     def _measure(self, call: Any, x: Tensor, seed: dict | None = None) -> watch_count.Measure:
         quick = watch_count.CPU_PRECHECK and x.is_cpu
