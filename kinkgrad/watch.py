@@ -59,8 +59,10 @@ gradients: it only reads inputs, and its backward hooks return nothing.
 **Transforms**: inside `torch.func.vmap` / `grad`, one-input elementwise and jump ops
 are counted on the tensor below the batching (every vmapped instance; `samples` counts
 instances of the outermost vmap), without effective hits; other ops are not counted
-there (`Watcher.uncounted`, and a warning). Under `torch.compile` the counts equal
-eager's, but the watcher's Python runs at graph breaks.
+there (`Watcher.uncounted`, and a warning). Under `torch.compile` the counts are
+tensor ops in the graph, recorded when it runs (`watch_compiled`): no graph break, no
+read-back, counts equal eager's (`torch.relu_`, which dynamo traces without the
+interception mode, is not seen there).
 
 Multi-process: with `torch.distributed` initialised, `records(all_ranks=True)` and
 `summary(all_ranks=True)` sum the counts of all ranks (a collective: every rank calls
@@ -78,7 +80,16 @@ import torch
 from torch import Tensor
 from torch.nn.modules import module as nn_module
 
-from . import ops, watch_compiled, watch_count, watch_dist, watch_optimizer, watch_plot, watch_report
+from . import (
+    ops,
+    watch_compiled,
+    watch_count,
+    watch_dist,
+    watch_optimizer,
+    watch_plot,
+    watch_report,
+    watch_transforms,
+)
 from .families import Elementwise, Jump, Pool, Selection
 from .intercept import acquire, release
 from .policy import STATE
@@ -257,7 +268,7 @@ class Watcher:
             return
         transformed = torch._C._functorch.is_functorch_wrapped_tensor(x)
         if transformed:  # inside torch.func.vmap / grad: count the plain tensor below
-            call = self._unwrapped(spec, call)
+            call = watch_transforms.unwrapped(self, spec, call)
             if call is None:
                 return
             x = call.inputs[0]
@@ -298,44 +309,12 @@ class Watcher:
                         exact = self._record(row, host, sites, exact, near, m)
                 finally:
                     torch._C._set_grad_enabled(grad)
-                if not transformed:  # (effective hits: see _unwrapped)
+                if not transformed:  # (effective hits: see watch_transforms)
                     call.extra[self] = (row, exact)
             else:
                 call.extra[self] = (row, _TIE)
         except Exception as e:  # never stop a training run over a count
             self._failed(spec, e)
-
-    def _unwrapped(self, spec: Any, call: Any) -> Any:
-        """The call on the plain tensor under `torch.func` wrappers, whose elements are
-        those of every vmapped instance; None (and a warning, once per op) for what
-        cannot be counted there: ops with several tensor inputs, whose batch layouts
-        would have to be aligned, and tie ops. Effective hits are not counted inside
-        transforms: a backward hook there sees the gradient of the transform's level,
-        not the one the exact mask is laid out for; a warning says so once."""
-        tensors = [t for t in call.inputs if isinstance(t, Tensor)]
-        if isinstance(spec.family, (Elementwise, Jump)) and len(tensors) == 1:
-            x = call.inputs[0]
-            if torch._C._functorch.is_gradtrackingtensor(x) and not self._said_effective:
-                self._said_effective = True
-                warnings.warn(
-                    "kinkgrad.watch counts exact, near, subnormal and non-finite elements "
-                    "inside torch.func transforms (vmap, grad), but not effective hits: "
-                    "Watcher.records() has effective = 0 for those calls",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
-            return call.replace({x: watch_count.unwrap_transforms(x)})
-        first = spec.name not in self.uncounted
-        self.uncounted[spec.name] = self.uncounted.get(spec.name, 0) + 1
-        if first:
-            warnings.warn(
-                f"kinkgrad.watch cannot count {spec.name!r} inside torch.func transforms "
-                f"(vmap, grad): there it counts one-input elementwise and jump ops only; "
-                f"the op ran unchanged, and Watcher.uncounted counts the calls skipped",
-                RuntimeWarning,
-                stacklevel=5,
-            )
-        return None
 
     def after(self, spec: Any, call: Any, out: Any) -> Any:
         """Count tie ops from `out`; None, or (under torch.compile) the output to use
