@@ -78,7 +78,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.modules import module as nn_module
 
 from . import (
     ops,
@@ -146,7 +145,7 @@ class Watcher:
         self._step = 0
         self._forwards = 0
         self._root_depth = 0
-        self._handles: list[Any] = []
+        self._hook_ids: tuple[int, int] | None = None
         self._names: dict[torch.nn.Module, str] = {}
         self._active = False
         self._order: dict[str, int] = {}
@@ -164,12 +163,7 @@ class Watcher:
         if not self._names:  # module paths, taken when the watcher is first entered
             self._names = {m: (name or ROOT) for name, m in self.model.named_modules()}
             self._order = {name: i for i, name in enumerate(self._names.values())}
-        # Two global hooks (filtered by the name map) cost less to add and remove than
-        # two per submodule; modules outside `model` are not in the map and ignored.
-        self._handles = [
-            nn_module.register_module_forward_pre_hook(self._pre),
-            nn_module.register_module_forward_hook(self._post, always_call=True),
-        ]
+        watch_compiled.install_hooks(self)
         STATE.watchers.append(self)
         try:
             acquire()
@@ -200,9 +194,7 @@ class Watcher:
             if STATE.watchers[i] is self:
                 del STATE.watchers[i]
                 break
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        watch_compiled.remove_hooks(self)
         self._stack.clear()
         self._root_depth = 0
 

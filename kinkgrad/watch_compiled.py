@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch._library.effects import EffectType
+from torch.nn.modules import module as nn_module
 
 from . import watch_count
 from .families import Elementwise, Jump, Pool, Selection
@@ -94,6 +95,31 @@ def _(wid):  # noqa: ANN001, ANN202
 
 
 _forward_op.register_effect(EffectType.ORDERED)
+
+
+def install_hooks(watcher: Any) -> None:
+    """The watcher's two global module hooks (filtered by its name map; they cost less
+    to add and remove than two per submodule). Entered again, a watcher puts the same
+    hooks back under the same handle ids: dynamo guards on those ids, so new ones
+    would recompile a compiled model at every `with` block."""
+    if watcher._hook_ids is None:
+        pre = nn_module.register_module_forward_pre_hook(watcher._pre)
+        post = nn_module.register_module_forward_hook(watcher._post, always_call=True)
+        watcher._hook_ids = (pre.id, post.id)
+        watcher._hook_fns = (watcher._pre, watcher._post)
+        return
+    (i, j), (pre_fn, post_fn) = watcher._hook_ids, watcher._hook_fns
+    nn_module._global_forward_pre_hooks[i] = pre_fn
+    nn_module._global_forward_hooks[j] = post_fn
+    nn_module._global_forward_hooks_always_called[j] = True
+
+
+def remove_hooks(watcher: Any) -> None:
+    if watcher._hook_ids is not None:
+        i, j = watcher._hook_ids
+        nn_module._global_forward_pre_hooks.pop(i, None)
+        nn_module._global_forward_hooks.pop(j, None)
+        nn_module._global_forward_hooks_always_called.pop(j, None)
 
 
 def new_forward(watcher: Any) -> None:

@@ -32,7 +32,11 @@ def unwrap_transforms(t: Tensor) -> Tensor | None:
     return t.movedim(bdim, 0) if bdim > 0 else t
 
 
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
+# Filled at import, not on first use: dynamo guards on the dict's contents when it
+# traces `dtype_name`, and a dict filled while tracing would recompile once.
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    d: str(d).removeprefix("torch.") for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
