@@ -41,8 +41,19 @@ def register(watcher: Any) -> int:
     return wid
 
 
-@torch.library.custom_op("kinkgrad::watch_record", mutates_args=())
-def _record_op(
+# Defined with torch.library.Library rather than custom_op: the op's Python runs
+# straight from the dispatcher, without custom_op's autograd wrapper (several times
+# the cost of the bookkeeping itself, at every call of the graph).
+_LIB = torch.library.Library("kinkgrad", "FRAGMENT")
+_LIB.define(
+    "watch_record(Tensor vec, int wid, str module, str op, str dtype, SymInt elements, "
+    "SymInt sites) -> Tensor"
+)
+_LIB.define("watch_effective(Tensor n, Tensor step, int wid, str module, str op, str dtype) -> ()")
+_LIB.define("watch_forward(int wid) -> ()")
+
+
+def _record_impl(
     vec: Tensor, wid: int, module: str, op: str, dtype: str, elements: int, sites: int
 ) -> Tensor:
     w = WATCHERS.get(wid)
@@ -54,47 +65,45 @@ def _record_op(
         host[0] += 1
         host[1] += elements
         host[2] += sites
-        store.add(row, vec.clone())
+        store.add(row, vec.clone())  # (the graph may reuse vec's buffer)
     return torch.tensor(step, dtype=torch.int64)
 
 
-@_record_op.register_fake
-def _(vec, wid, module, op, dtype, elements, sites):  # noqa: ANN001, ANN202
-    return torch.empty((), dtype=torch.int64)
-
-
-_record_op.register_effect(EffectType.ORDERED)
-
-
-@torch.library.custom_op("kinkgrad::watch_effective", mutates_args=())
-def _effective_op(n: Tensor, step: Tensor, wid: int, module: str, op: str, dtype: str) -> None:
+def _effective_impl(n: Tensor, step: Tensor, wid: int, module: str, op: str, dtype: str) -> None:
     w = WATCHERS.get(wid)
     if w is not None:
         store = w._store
         store.add_effective(store.row((int(step), module, op, dtype)), n.clone())
 
 
-@_effective_op.register_fake
-def _(n, step, wid, module, op, dtype):  # noqa: ANN001, ANN202
-    return None
-
-
-_effective_op.register_effect(EffectType.ORDERED)
-
-
-@torch.library.custom_op("kinkgrad::watch_forward", mutates_args=())
-def _forward_op(wid: int) -> None:
+def _forward_impl(wid: int) -> None:
     w = WATCHERS.get(wid)
     if w is not None:
         w._new_forward()
 
 
-@_forward_op.register_fake
-def _(wid):  # noqa: ANN001, ANN202
+for _name, _impl in (
+    ("watch_record", _record_impl),
+    ("watch_effective", _effective_impl),
+    ("watch_forward", _forward_impl),
+):
+    _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
+    _LIB._register_effectful_op(f"kinkgrad::{_name}", EffectType.ORDERED)
+
+
+@torch.library.register_fake("kinkgrad::watch_record", lib=_LIB)
+def _(vec, wid, module, op, dtype, elements, sites):  # noqa: ANN001, ANN202
+    return torch.empty((), dtype=torch.int64)
+
+
+@torch.library.register_fake("kinkgrad::watch_effective", lib=_LIB)
+def _(n, step, wid, module, op, dtype):  # noqa: ANN001, ANN202
     return None
 
 
-_forward_op.register_effect(EffectType.ORDERED)
+@torch.library.register_fake("kinkgrad::watch_forward", lib=_LIB)
+def _(wid):  # noqa: ANN001, ANN202
+    return None
 
 
 def install_hooks(watcher: Any) -> None:
