@@ -67,5 +67,7 @@ def dispatch(
     else:
         out = spec.family.apply(call, value)
     for w in watchers:
-        w.after(spec, call, out)
+        replaced = w.after(spec, call, out)  # a watcher may route `out` through an identity
+        if replaced is not None:
+            out = replaced
     return out

@@ -59,8 +59,10 @@ gradients: it only reads inputs, and its backward hooks return nothing.
 **Transforms**: inside `torch.func.vmap` / `grad`, one-input elementwise and jump ops
 are counted on the tensor below the batching (every vmapped instance; `samples` counts
 instances of the outermost vmap), without effective hits; other ops are not counted
-there (`Watcher.uncounted`, and a warning). Under `torch.compile` the counts equal
-eager's, but the watcher's Python runs at graph breaks.
+there (`Watcher.uncounted`, and a warning). Under `torch.compile` the counts are
+tensor ops in the graph, recorded when it runs (`watch_compiled`): no graph break, no
+read-back, counts equal eager's (`torch.relu_`, which dynamo traces without the
+interception mode, is not seen there).
 
 Multi-process: with `torch.distributed` initialised, `records(all_ranks=True)` and
 `summary(all_ranks=True)` sum the counts of all ranks (a collective: every rank calls
@@ -76,9 +78,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.modules import module as nn_module
 
-from . import ops, watch_count, watch_dist, watch_optimizer, watch_plot, watch_report
+from . import (
+    ops,
+    watch_compiled,
+    watch_count,
+    watch_dist,
+    watch_optimizer,
+    watch_plot,
+    watch_report,
+    watch_transforms,
+)
 from .families import Elementwise, Jump, Pool, Selection
 from .intercept import acquire, release
 from .policy import STATE
@@ -135,7 +145,7 @@ class Watcher:
         self._step = 0
         self._forwards = 0
         self._root_depth = 0
-        self._handles: list[Any] = []
+        self._hook_ids: tuple[int, int] | None = None
         self._names: dict[torch.nn.Module, str] = {}
         self._active = False
         self._order: dict[str, int] = {}
@@ -143,6 +153,7 @@ class Watcher:
         #: Calls inside torch.func transforms the watcher could not count, per op.
         self.uncounted: dict[str, int] = {}
         self._said_effective = False
+        self._wid = watch_compiled.register(self)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -152,12 +163,7 @@ class Watcher:
         if not self._names:  # module paths, taken when the watcher is first entered
             self._names = {m: (name or ROOT) for name, m in self.model.named_modules()}
             self._order = {name: i for i, name in enumerate(self._names.values())}
-        # Two global hooks (filtered by the name map) cost less to add and remove than
-        # two per submodule; modules outside `model` are not in the map and ignored.
-        self._handles = [
-            nn_module.register_module_forward_pre_hook(self._pre),
-            nn_module.register_module_forward_hook(self._post, always_call=True),
-        ]
+        watch_compiled.install_hooks(self)
         STATE.watchers.append(self)
         try:
             acquire()
@@ -188,9 +194,7 @@ class Watcher:
             if STATE.watchers[i] is self:
                 del STATE.watchers[i]
                 break
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        watch_compiled.remove_hooks(self)
         self._stack.clear()
         self._root_depth = 0
 
@@ -201,18 +205,26 @@ class Watcher:
         if name is None:
             return
         if module is self.model:
-            # A forward replayed by certification (its tangent pass) is not a new step.
-            if self._root_depth == 0 and not self._manual and not ops.REPLAY.active:
-                if self._forwards:
-                    self._step += 1
-                self._forwards += 1
-            self._root_depth += 1
+            if torch.compiler.is_compiling():  # steps advance when the graph runs
+                if ROOT not in self._stack:
+                    watch_compiled.new_forward(self)
+            else:
+                if self._root_depth == 0:
+                    self._new_forward()
+                self._root_depth += 1
         self._stack.append(name)
+
+    def _new_forward(self) -> None:
+        # A forward replayed by certification (its tangent pass) is not a new step.
+        if not self._manual and not ops.REPLAY.active:
+            if self._forwards:
+                self._step += 1
+            self._forwards += 1
 
     def _post(self, module: Any, args: Any, output: Any) -> None:  # None: output unchanged
         if module in self._names and self._stack:
             self._stack.pop()
-            if module is self.model:
+            if module is self.model and not torch.compiler.is_compiling():
                 self._root_depth = max(0, self._root_depth - 1)
 
     def step(self) -> int:
@@ -240,12 +252,15 @@ class Watcher:
         x = call.inputs[0] if call.inputs else None
         if not isinstance(x, Tensor):
             return
-        # (torch.compile traces torch.func transforms itself, on its own tensors.)
-        transformed = (
-            not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x)
-        )
+        if torch.compiler.is_compiling():  # (it traces torch.func transforms itself)
+            module = self._stack[-1] if self._stack else OUTSIDE
+            call.extra[self] = watch_compiled.before(self, spec, call, x, module)
+            return
+        if watch_compiled.in_compiled_graph(3):  # (from: dispatch, the mode, the graph)
+            return
+        transformed = torch._C._functorch.is_functorch_wrapped_tensor(x)
         if transformed:  # inside torch.func.vmap / grad: count the plain tensor below
-            call = self._unwrapped(spec, call)
+            call = watch_transforms.unwrapped(self, spec, call)
             if call is None:
                 return
             x = call.inputs[0]
@@ -286,55 +301,27 @@ class Watcher:
                         exact = self._record(row, host, sites, exact, near, m)
                 finally:
                     torch._C._set_grad_enabled(grad)
-                if not transformed:  # (effective hits: see _unwrapped)
+                if not transformed:  # (effective hits: see watch_transforms)
                     call.extra[self] = (row, exact)
             else:
                 call.extra[self] = (row, _TIE)
         except Exception as e:  # never stop a training run over a count
             self._failed(spec, e)
 
-    def _unwrapped(self, spec: Any, call: Any) -> Any:
-        """The call on the plain tensor under `torch.func` wrappers, whose elements are
-        those of every vmapped instance; None (and a warning, once per op) for what
-        cannot be counted there: ops with several tensor inputs, whose batch layouts
-        would have to be aligned, and tie ops. Effective hits are not counted inside
-        transforms: a backward hook there sees the gradient of the transform's level,
-        not the one the exact mask is laid out for; a warning says so once."""
-        tensors = [t for t in call.inputs if isinstance(t, Tensor)]
-        if isinstance(spec.family, (Elementwise, Jump)) and len(tensors) == 1:
-            x = call.inputs[0]
-            if torch._C._functorch.is_gradtrackingtensor(x) and not self._said_effective:
-                self._said_effective = True
-                warnings.warn(
-                    "kinkgrad.watch counts exact, near, subnormal and non-finite elements "
-                    "inside torch.func transforms (vmap, grad), but not effective hits: "
-                    "Watcher.records() has effective = 0 for those calls",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
-            return call.replace({x: watch_count.unwrap_transforms(x)})
-        first = spec.name not in self.uncounted
-        self.uncounted[spec.name] = self.uncounted.get(spec.name, 0) + 1
-        if first:
-            warnings.warn(
-                f"kinkgrad.watch cannot count {spec.name!r} inside torch.func transforms "
-                f"(vmap, grad): there it counts one-input elementwise and jump ops only; "
-                f"the op ran unchanged, and Watcher.uncounted counts the calls skipped",
-                RuntimeWarning,
-                stacklevel=5,
-            )
-        return None
-
-    def after(self, spec: Any, call: Any, out: Any) -> None:
+    def after(self, spec: Any, call: Any, out: Any) -> Any:
+        """Count tie ops from `out`; None, or (under torch.compile) the output to use
+        instead of `out`, the same values through an identity autograd node."""
         entry = call.extra.pop(self, None)
         if entry is None:
-            return
+            return None
+        if torch.compiler.is_compiling():
+            return watch_compiled.after(self, spec, call, out, entry)
         row, exact = entry
         if exact is None:
-            return  # elementwise call without exact hits: nothing for the backward
+            return None  # elementwise call without exact hits: nothing for the backward
         values = out[0] if isinstance(out, tuple) else out
         if not isinstance(values, Tensor):
-            return
+            return None
         backward = values.requires_grad and torch.is_grad_enabled()
         try:
             with torch._C.DisableTorchFunction(), torch.no_grad():
@@ -344,6 +331,7 @@ class Watcher:
                     self._watch_backward(values, exact, row)
         except Exception as e:
             self._failed(spec, e)
+        return None
 
     def _measure(self, call: Any, x: Tensor, seed: dict | None = None) -> watch_count.Measure:
         quick = watch_count.CPU_PRECHECK and x.is_cpu

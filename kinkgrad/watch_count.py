@@ -32,7 +32,11 @@ def unwrap_transforms(t: Tensor) -> Tensor | None:
     return t.movedim(bdim, 0) if bdim > 0 else t
 
 
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
+# Filled at import, not on first use: dynamo guards on the dict's contents when it
+# traces `dtype_name`, and a dict filled while tracing would recompile once.
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    d: str(d).removeprefix("torch.") for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -89,8 +93,9 @@ class Measure:
                 finite = hi < math.inf  # False for inf and NaN
                 tiny_free = lo >= info.tiny  # False for NaN
             if not finite:
-                # a - a is 0 exactly where a is finite (inf - inf and NaN give NaN).
-                self.nonfinite = _plus(self.nonfinite, torch.count_nonzero(a - a))
+                # (isfinite rather than a - a != 0: inductor's CPU code for that is
+                # several times slower)
+                self.nonfinite = _plus(self.nonfinite, a.numel() - torch.isfinite(a).sum())
             if not tiny_free:
                 sub = torch.count_nonzero((a < info.tiny) & (a != 0))
                 self.subnormal = _plus(self.subnormal, sub)
@@ -98,7 +103,7 @@ class Measure:
                 if finite:
                     s: float | Tensor = hi
                 else:
-                    s = a.nan_to_num(0.0, 0.0, 0.0).amax()
+                    s = torch.where(torch.isfinite(a), a, 0.0).amax()  # (as nan_to_num)
                     s = float(s) if quick else s
                 self.scale = _largest(self.scale, s)
 

@@ -122,3 +122,67 @@ def test_compiled_counts_equal_eager():
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_counts_equal_eager_other_backends(backend):
     assert _train(backend) == _train(None)
+
+
+def _lrl() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+@pytest.mark.filterwarnings(GLOBAL_HOOKS)
+def test_compiled_watch_adds_no_graph_break():
+    model = _lrl()
+    x = torch.randn(6, 4)
+    torch._dynamo.reset()
+    plain = torch._dynamo.explain(model)(x).graph_break_count
+    with kg.watch(model):
+        torch._dynamo.reset()
+        watched = torch._dynamo.explain(model)(x)
+    torch._dynamo.reset()
+    assert watched.graph_break_count <= plain
+    assert watched.graph_count == 1
+
+
+def _steps(f, model: nn.Module, make) -> list[dict]:
+    gen = torch.Generator().manual_seed(2)
+    with kg.watch(model) as w:
+        for _ in range(3):
+            f(make(gen)).sum().backward()
+    torch._dynamo.reset()
+    return w.records()
+
+
+class _Ties(nn.Module):
+    """Tie ops with tuple outputs, an in-place op, a two-input op and a jump op.
+    (`torch.relu_` itself is left out: dynamo traces it without the interception mode,
+    so nothing of kinkgrad sees it in a compiled graph.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v, _ = torch.max(x, dim=1)
+        s = torch.sort(x, dim=1).values
+        y = (x * 1.0).relu_() + torch.maximum(x, x.flip(0)) + torch.sign(x) * x
+        return v.sum() + s[:, 0].sum() + torch.clamp(y, -0.5, 0.5).sum()
+
+
+def _ties_input(gen: torch.Generator) -> torch.Tensor:
+    x = torch.randint(-2, 3, (5, 4), generator=gen).float() / 2  # ties and kinks
+    return x.requires_grad_()
+
+
+@pytest.mark.filterwarnings(GLOBAL_HOOKS)
+def test_compiled_fullgraph_counts_equal_eager_tie_and_inplace_ops():
+    model = _Ties()
+    eager = _steps(model, model, _ties_input)
+    assert {r["op"] for r in eager} >= {"max", "sort", "relu", "maximum", "sign", "clamp"}
+    assert sum(r["effective"] for r in eager if r["op"] in ("max", "sort")) > 0
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    assert _steps(compiled, model, _ties_input) == eager
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(GLOBAL_HOOKS)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_fullgraph_tie_ops_other_backends(backend):
+    model = _Ties()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    assert _steps(compiled, model, _ties_input) == _steps(model, model, _ties_input)
