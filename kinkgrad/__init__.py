@@ -12,6 +12,7 @@ from . import nn as nn
 from .catalog import OpSpec as OpSpec
 from .catalog import Probe as Probe
 from .catalog import catalog as catalog
+from .catalog import targets as _targets
 from .certify import CertifiedGrad as CertifiedGrad
 from .certify import CertifiedStep as CertifiedStep
 from .certify import Linearization as Linearization
@@ -21,6 +22,7 @@ from .certify import kink_crossings as kink_crossings
 from .certify import linearization as linearization
 from .check import CheckReport as CheckReport
 from .check import check as check
+from .dynamo_reach import install as _reach_dynamo
 from .functional import *  # noqa: F403  (one function per catalog op: kg.relu, kg.max_pool2d, ...)
 from .intercept import attach as attach
 from .intercept import attached as attached
@@ -31,5 +33,6 @@ from .watch import Watcher as Watcher
 from .watch import watch as watch
 
 _install_replay()  # checkpoint recomputes under the captured policy; scripts warn
+_reach_dynamo(_targets())  # torch.compile dispatches torch.relu_ & co. to kinkgrad too
 
 __version__ = "0.1.0"

@@ -117,3 +117,51 @@ def test_policy_inside_a_compiled_function_and_attach():
     compiled(torch.ones(2, 3)).sum().backward()
     assert model[0].bias.grad.tolist() == [2.0, 2.0, 2.0]
     kg.detach(model)
+
+
+# In-place spellings bound in C (torch.relu_, torch.clamp_, F.hardtanh_, ...) are not in
+# PyTorch's list of overridable functions, which dynamo consults before dispatching to a
+# TorchFunctionMode: kinkgrad.dynamo_reach adds them. Each must be right (equal to eager
+# kinkgrad) or loud (an error), never plain PyTorch's gradient.
+_INPLACE = {
+    "torch.relu_": lambda y: torch.relu_(y),
+    "torch.clamp_": lambda y: torch.clamp_(y, min=0.0),
+    "torch.clamp_min_": lambda y: torch.clamp_min_(y, 0.0),
+    "torch.clip_": lambda y: torch.clip_(y, min=0.0),
+    "torch.abs_": lambda y: torch.abs_(y),
+    "F.hardtanh_": lambda y: F.hardtanh_(y),
+    "F.leaky_relu_": lambda y: F.leaky_relu_(y),
+    "F.relu6_inplace": lambda y: F.relu6(y, inplace=True),
+}
+_INPLACE_POLICY = dict(relu=1.0, clamp=0.0, abs=1.0, hardtanh=0.5, relu6=1.0, leaky_relu=0.5)
+
+
+def _inplace_grad(op, compiled: bool, policy: bool = True):
+    def f(x):
+        return op(x * 1.0).sum()
+
+    dynamo.reset()
+    fn = torch.compile(f, backend="aot_eager") if compiled else f
+    x = torch.tensor([0.0, 1.0, -1.0, 0.0, -0.0], requires_grad=True)
+    with kg.policy(**(_INPLACE_POLICY if policy else {})):
+        out = fn(x)
+    out.backward()
+    return x.grad
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=() if n in ("torch.relu_", "torch.clamp_") else pytest.mark.slow)
+        for n in _INPLACE
+    ],
+)
+def test_c_bound_inplace_spellings_are_right_or_loud_under_compile(name):
+    op = _INPLACE[name]
+    eager = _inplace_grad(op, compiled=False)
+    assert not torch.equal(eager, _inplace_grad(op, compiled=False, policy=False))  # it shows
+    try:
+        got = _inplace_grad(op, compiled=True)
+    except RuntimeError:
+        return  # loud: PyTorch refuses the compiled in-place graph
+    assert torch.equal(got, eager), (name, got.tolist(), eager.tolist())
