@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 
 import torch
-import torch.nn.functional as F
 
 import kinkgrad as kg
 
-from .timing import MODELS, interleaved, mlp, report
+from .timing import MODELS, interleaved, report, training_step
 
 GOALS = {"policy": {"large": 1.02, "small": 1.05}, "watch": {"large": 1.05, "small": 1.15}}
 POLICY = "kg.policy(relu=1.0), compiled"
@@ -33,21 +32,7 @@ def compiled_step(
 ) -> Callable[[], None]:
     """One SGD step on a fresh `mlp(sizes)` whose forward is `torch.compile`d; the
     forward (and loss) runs inside `around_forward(model)`."""
-    model = mlp(sizes)
-    compiled = torch.compile(model, backend=backend)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, sizes[0], generator=gen)
-    y = torch.randint(0, sizes[-1], (batch,), generator=gen)
-
-    def step() -> None:
-        with around_forward(model) if around_forward else nullcontext():
-            loss = F.cross_entropy(compiled(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return training_step(sizes, batch, around_forward, compile_backend=backend)
 
 
 def main(steps: int = 40, extra: list[str] | None = None) -> dict[str, float]:

@@ -32,12 +32,15 @@ def training_step(
     sizes: tuple[int, ...],
     batch: int,
     around_forward: Callable[[nn.Module], AbstractContextManager] | None = None,
+    compile_backend: str | None = None,
 ) -> Callable[[], None]:
     """One SGD training step on a fresh `mlp(sizes)` and a fixed random batch; the
-    forward (and loss) runs inside `around_forward(model)`, called anew every step."""
+    forward (and loss) runs inside `around_forward(model)`, called anew every step; with
+    `compile_backend`, the model's forward is `torch.compile`d with that backend."""
     import torch.nn.functional as F
 
     model = mlp(sizes)
+    forward = torch.compile(model, backend=compile_backend) if compile_backend else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, sizes[0], generator=gen)
@@ -45,7 +48,7 @@ def training_step(
 
     def step() -> None:
         with around_forward(model) if around_forward else nullcontext():
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
