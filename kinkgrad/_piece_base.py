@@ -1,5 +1,5 @@
 """The interface and helpers shared by the pieces of `kinkgrad.certify` (`_pieces`,
-`_ties`): the `_Piece` protocol, tangent plumbing, masks of kink elements."""
+`_tie_pieces`): the `_Piece` protocol, tangent plumbing, masks of kink elements."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ hook that uses it, and predicts when a step along d changes piece (linearization
 
 Elementwise kink ops and maximum/minimum use `Kink.direction`, `minus` and `plus` from
 the catalog; tie ops order tied inputs lexicographically by (value, tangent along d,
-along further directions, index; in `_ties`); jump ops only report that an input sits
+along further directions, index; in `_tie_pieces`); jump ops only report that an input sits
 on a jump. Shared interface and helpers: `_piece_base`.
 """
 
@@ -28,7 +28,7 @@ from ._piece_base import (
     _primal,
     _run_dual,
 )
-from ._ties import _Ties, _Windows
+from ._tie_pieces import _Ties, _Windows
 from .catalog import OpSpec
 from .families import (
     BinaryTie,
