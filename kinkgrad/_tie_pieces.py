@@ -59,6 +59,24 @@ class _Ordered(_Piece):
         self._analyze(_primal(_values(out)).detach())
         return out
 
+    def verify(self, call: Call, out: Any) -> bool:
+        return _same_values(_primal(_values(out)), self.values)
+
+    def decide(self, out: Any, pairs: list) -> Any:
+        """Order the ties by the input tangent `xt` (and earlier directions' keys) and
+        give the output the tangent of the pieces chosen (`_tangent`)."""
+        xt = pairs[0][1]
+        if xt is None:
+            return out
+        self.seen = True
+        values = _values(out)
+        vp, vt = fwAD.unpack_dual(values)
+        return _replace_values(out, _set_tangent(values, self._tangent(xt, vp, vt), False))
+
+    def _tangent(self, xt: Tensor, vp: Tensor, vt: Tensor | None) -> Tensor:  # pragma: no cover
+        """The output values' tangent (primal `vp`, native tangent `vt`) given `xt`."""
+        raise NotImplementedError
+
     def _analyze(self, values: Tensor) -> None:  # pragma: no cover
         raise NotImplementedError
 
@@ -152,16 +170,7 @@ class _Ties(_Ordered):
             target = torch.empty_like(chosen).scatter_(1, order, chosen)
         return target
 
-    def verify(self, call: Call, out: Any) -> bool:
-        return _same_values(_primal(_values(out)), self.values)
-
-    def decide(self, out: Any, pairs: list) -> Any:
-        xt = pairs[0][1]
-        if xt is None:
-            return out
-        self.seen = True
-        values = _values(out)
-        vp, vt = fwAD.unpack_dual(values)
+    def _tangent(self, xt: Tensor, vp: Tensor, vt: Tensor | None) -> Tensor:
         T = self.fam.rows(self.call.replace({self.call.inputs[0]: xt}), vp)[0]
         self.keys.append(T)
         perm = _lex_order(self.X, self.keys)
@@ -172,7 +181,7 @@ class _Ties(_Ordered):
         native = self._rows(vt) if vt is not None else torch.zeros_like(ours)
         new = self._unrows(torch.where(self.tied & valid, ours, native), vp)
         self._unres = self._count_unresolved()
-        return _replace_values(out, _set_tangent(values, new, False))
+        return new
 
     def _count_unresolved(self) -> int:
         if not self.hit:
@@ -285,16 +294,7 @@ class _Windows(_Ordered):
         flat = F.pad(t, (0, 1) * nd, value=pad).reshape(*self.lead, -1)
         return flat[..., self.idx]  # [*lead, O..., K]
 
-    def verify(self, call: Call, out: Any) -> bool:
-        return _same_values(_primal(_values(out)), self.values)
-
-    def decide(self, out: Any, pairs: list) -> Any:
-        xt = pairs[0][1]
-        if xt is None:
-            return out
-        self.seen = True
-        values = _values(out)
-        vp, vt = fwAD.unpack_dual(values)
+    def _tangent(self, xt: Tensor, vp: Tensor, vt: Tensor | None) -> Tensor:
         Tw = self._windows(xt, 0.0)
         self.keys.append(Tw)
         cand = self.eq
@@ -308,8 +308,7 @@ class _Windows(_Ordered):
         self._nonfinite = int(bad.sum())
         ours = Tw.gather(-1, self.sel.unsqueeze(-1)).squeeze(-1)
         native = vt if vt is not None else torch.zeros_like(ours)
-        new = torch.where(self.tie, ours, native)
-        return _replace_values(out, _set_tangent(values, new, False))
+        return torch.where(self.tie, ours, native)
 
     def _fix(self, native: Tensor, g: Tensor, values: Tensor) -> Tensor:
         if self.sel is None or not self.hit:
