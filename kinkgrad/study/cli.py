@@ -12,10 +12,19 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from .config import (
     BIAS_MODES,
@@ -337,30 +346,42 @@ def _paper_config(args, cfg):
     return pcfg
 
 
+def _loggers(err: Any) -> tuple[Callable[[str], None], Callable[[str], None]]:
+    """log and warn to stderr; messages are text (paths may hold brackets), not markup."""
+    log = lambda msg: err.print(escape(msg), highlight=False)
+    warn = lambda msg: err.print(
+        f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True
+    )
+    return log, warn
+
+
+def _progress(label: str, err: Any, *extra: Any) -> Progress:
+    """The study's progress bar on stderr: done / total, elapsed, eta (+ `extra` columns)."""
+    return Progress(
+        TextColumn(f"[bold]{label}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        *extra,
+        console=err,
+        transient=False,
+    )
+
+
 def _paper(pcfg, cfg, out: Path, args, console, err) -> int:
     """Run (or, with --report-only, report) the paper protocol into `out`."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     from . import paper_report, paper_run, results
 
-    log = lambda msg: err.print(msg, highlight=False)
-    warn = lambda msg: err.print(f"[yellow]warning:[/] {msg}", highlight=False)
+    log, warn = _loggers(err)
     n = len(pcfg.grid())
     log(
         f"kinkgrad study, paper protocol: {n} settings x {pcfg.inits} initialisations on "
         f"{pcfg.data} -> {out}"
     )
-    bar = Progress(
-        TextColumn("[bold]paper[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("eta"), TimeRemainingColumn(), console=err,
-    )
+    bar = _progress("paper", err)
     try:
         with bar:
             task = bar.add_task("", total=len(pcfg.tasks()))
@@ -401,32 +422,11 @@ def _lead(cfg, out: Path, args, console, err) -> int:
     if args.report_only:
         return _report_only(out, cfg, console, err)
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
-    log = lambda msg: err.print(escape(msg), highlight=False)
-    warn = lambda msg: err.print(
-        f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True
-    )
+    log, warn = _loggers(err)
     grid = cfg.grid()
     start = time.perf_counter()
-    progress = Progress(
-        TextColumn("[bold]study[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.description}"),
-        console=err,
-        transient=False,
-    )
+    progress = _progress("study", err, TextColumn("{task.description}"))
     log(f"kinkgrad study: {len(grid)} configurations -> {out}")
     try:
         with progress:
