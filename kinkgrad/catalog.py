@@ -970,3 +970,14 @@ def targets() -> dict[Callable, OpSpec]:
                 raise AssertionError(f"{fn} is claimed by {table[fn].name} and {spec.name}")
             table[fn] = spec
     return table
+
+
+@_memo
+def targets_by_name() -> dict[str, tuple[tuple[Callable, OpSpec], ...]]:
+    """`targets()` grouped by the callables' `__name__`: what dynamo traces. A dict keyed
+    by callables makes dynamo guard every key (over a hundred guards, evaluated at every
+    call of the compiled code); a string key is guarded alone."""
+    groups: dict[str, list[tuple[Callable, OpSpec]]] = {}
+    for fn, spec in targets().items():
+        groups.setdefault(getattr(fn, "__name__", ""), []).append((fn, spec))
+    return {name: tuple(pairs) for name, pairs in groups.items()}

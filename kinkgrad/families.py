@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .at_kinks import Assign, Block, Slopes, _transformed, lazy
+from .at_kinks import Assign, Block, Slopes, _transformed, as_bool, compact, lazy
 from .calls import (  # noqa: F401  (re-exported: certify and watch import them from here)
     Call,
     Family,
@@ -119,6 +119,7 @@ class Elementwise(Family):
         on_any = masks[0]
         for m in masks[1:]:
             on_any = on_any | m
+        on_any, masks = compact(on_any), [compact(m) for m in masks]
         inputs = [t if isinstance(t, Tensor) else None for t in call.inputs]
         swap = {}
         for i, t in enumerate(inputs):
@@ -231,7 +232,7 @@ class _Surrogate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]  # noqa: ANN001
         on_jump, xs = ctx.saved_tensors
-        return None, None, None, None, ctx.rule(g, xs, on_jump)
+        return None, None, None, None, ctx.rule(g, xs, as_bool(on_jump, g))
 
 
 class Jump(Family):
@@ -293,7 +294,7 @@ class Jump(Family):
                 return torch.where(on_jump, at, base)
 
         snapshot = x.detach().clone() if call.inplace else None
-        res = _Surrogate.apply(rule, out, on_jump, snapshot, x)
+        res = _Surrogate.apply(rule, out, compact(on_jump), snapshot, x)
         if call.inplace:
             return x.copy_(res)
         return res

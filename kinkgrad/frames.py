@@ -175,8 +175,12 @@ def _make_frame(op_values: Mapping[str, object], default: object) -> dict[str, V
 
 
 def _recompute() -> None:
+    frames = STATE.frames
+    if len(frames) == 1:  # the common case; frames are never modified once made
+        STATE.resolved = frames[0]
+        return
     merged: dict[str, Value] = {}
-    for frame in STATE.frames:
+    for frame in frames:
         merged.update(frame)
     STATE.resolved = merged
 

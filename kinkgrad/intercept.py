@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .catalog import targets
+from .catalog import targets, targets_by_name
+from .dynamo_graphs import install_if_loaded
 from .frames import make_frame, pop_frame, push_frame
 from .ops import dispatch
 
@@ -25,14 +26,26 @@ class _KinkMode(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.table = targets()
+        targets_by_name()  # built now: dynamo must find it built, not trace its building
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        spec = self.table.get(func)
+        if torch.compiler.is_compiling():  # (see `targets_by_name`)
+            spec = None
+            for fn, candidate in targets_by_name().get(getattr(func, "__name__", ""), ()):
+                if fn is func:
+                    spec = candidate
+                    break
+        else:
+            spec = self.table.get(func)
         if kwargs is None:
             kwargs = {}
         if spec is None:
             return func(*args, **kwargs)
         return dispatch(spec, func, args, kwargs)
+
+
+def _is_ours(mode: object) -> bool:
+    return isinstance(mode, _KinkMode)
 
 
 class _Depth(threading.local):
@@ -47,6 +60,7 @@ _DEPTH = _Depth()
 def acquire() -> None:
     """Make sure the interception mode is on (reference counted, per thread)."""
     if _DEPTH.count == 0:
+        install_if_loaded(_is_ours)
         _DEPTH.mode.__enter__()
     _DEPTH.count += 1
 

@@ -6,8 +6,8 @@ and closes a frame around the interception mode (`intercept.py`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import ContextDecorator
 from types import MappingProxyType
 
 from .frames import (  # noqa: F401  (re-exported: older imports name this module)
@@ -26,8 +26,26 @@ from .frames import (  # noqa: F401  (re-exported: older imports name this modul
 from .intercept import acquire, release
 
 
-@contextmanager
-def policy(default: object = None, **op_values: object) -> Iterator[Mapping[str, Value]]:
+class _PolicyBlock(ContextDecorator):
+    """What `policy(...)` returns: a context manager (and decorator) for one frame.
+    A class, not a generator: it is entered at every training step, and the generator
+    machinery of `@contextmanager` cost as much again as the work itself."""
+
+    def __init__(self, frame: dict[str, Value]) -> None:
+        self.frame = frame
+        self.view = MappingProxyType(frame)
+
+    def __enter__(self) -> Mapping[str, Value]:
+        push_frame(self.frame)
+        acquire()
+        return self.view
+
+    def __exit__(self, *exc: object) -> None:
+        release()
+        pop_frame(self.frame)
+
+
+def policy(default: object = None, **op_values: object) -> _PolicyBlock:
     """Choose the derivative at kinks for every catalog op called inside the block.
 
     **Arguments**: `default` applies to every op of the kind it fits (a number to every
@@ -35,9 +53,11 @@ def policy(default: object = None, **op_values: object) -> Iterator[Mapping[str,
     name ops of `kinkgrad.catalog()`. Inner blocks win per op. Values are captured when
     the forward runs, so `backward()` may run after the block (checkpoint recomputation
     included). A block applies to the thread that opened it, like `torch.no_grad()`:
-    for forwards in other threads use `kinkgrad.attach`.
+    for forwards in other threads use `kinkgrad.attach`. Invalid values raise here,
+    before the block is entered. Usable as a decorator too.
 
-    **Returns**: the validated frame (op name -> value), read-only.
+    **Returns**: a context manager whose `with ... as frame` gives the validated frame
+    (op name -> value), read-only.
 
     >>> import torch, kinkgrad as kg
     >>> x = torch.zeros(3, requires_grad=True)
@@ -46,11 +66,4 @@ def policy(default: object = None, **op_values: object) -> Iterator[Mapping[str,
     >>> y.backward(); x.grad
     tensor([1., 1., 1.])
     """
-    frame = make_frame(op_values, default)
-    push_frame(frame)
-    acquire()
-    try:
-        yield MappingProxyType(frame)
-    finally:
-        release()
-        pop_frame(frame)
+    return _PolicyBlock(make_frame(op_values, default))

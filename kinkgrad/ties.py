@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .at_kinks import Block, traced
+from .at_kinks import Block, as_bool, compact, traced
 from .calls import Call, Family, _bind, _is_float, _warn_once, refuse_forward_ad
 
 # --------------------------------------------------------------------------------------
@@ -193,6 +193,7 @@ def _apply_tie_rule(fam: Any, call: Call, rule: str) -> Any:
         first = call.replace({x: x.detach()}).run()
     values0 = first[0] if isinstance(first, tuple) else first
     _, tied = fam.tie_rule(call, values0, torch.zeros_like(values0), rule)
+    tied = compact(tied)
     out = call.replace({x: Block.apply(x, tied)}).run()
     values = out[0] if isinstance(out, tuple) else out
 
@@ -225,7 +226,8 @@ class TieSlopes(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]  # noqa: ANN001
         values0, tied, x = ctx.saved_tensors
-        grad = torch.where(tied, ctx.ours(g, x.detach()), -0.0)
+        ours = ctx.ours(g, x.detach())
+        grad = torch.where(as_bool(tied, ours), ours, -0.0)
         return g, None, None, None, grad
 
 

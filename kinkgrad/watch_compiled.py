@@ -28,6 +28,7 @@ from torch._library.effects import EffectType
 from torch.nn.modules import module as nn_module
 
 from . import watch_count
+from .at_kinks import as_bool, compact
 from .families import Elementwise, Jump, Pool, Selection
 
 #: Active watchers by id: the custom ops take an int, not the watcher.
@@ -148,7 +149,7 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
         exact, step = ctx.saved_tensors
-        n = torch.count_nonzero(torch.where(exact, grad, 0))
+        n = torch.count_nonzero(torch.where(as_bool(exact, grad), grad, 0))
         torch.ops.kinkgrad.watch_effective(n, step, *ctx.meta)
         return grad, None, None, None
 
@@ -216,7 +217,7 @@ def after(watcher: Any, spec: Any, call: Any, out: Any, entry: Any) -> Any:
     # effective hits are counted where the caller uses the op's result (as
     # nn.ReLU(inplace=True) does), not where it reads the overwritten input again.
     with torch._C.DisableTorchFunction():
-        tapped = _Tap.apply(values, exact, step, meta)
+        tapped = _Tap.apply(values, compact(exact), step, meta)
     if isinstance(out, tuple):
         return type(out)((tapped, *out[1:]))
     return tapped
