@@ -22,16 +22,20 @@ from .frames import make_frame, pop_frame, push_frame
 from .ops import dispatch
 
 
+#: `targets_by_name()`, as a plain global: what dynamo reads while tracing the mode.
+_BY_NAME: dict = {}
+
+
 class _KinkMode(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.table = targets()
-        targets_by_name()  # built now: dynamo must find it built, not trace its building
+        _BY_NAME.update(targets_by_name())
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if torch.compiler.is_compiling():  # (see `targets_by_name`)
             spec = None
-            for fn, candidate in targets_by_name().get(getattr(func, "__name__", ""), ()):
+            for fn, candidate in _BY_NAME.get(getattr(func, "__name__", ""), ()):
                 if fn is func:
                     spec = candidate
                     break

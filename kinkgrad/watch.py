@@ -146,7 +146,9 @@ class Watcher:
         self._forwards = 0
         self._root_depth = 0
         self._hook_ids: tuple[int, int] | None = None
-        self._names: dict[torch.nn.Module, str] = {}
+        self._names: dict[torch.nn.Module, str] = {}  # (also keeps the modules, so ids stay theirs)
+        # Looked up by id: dynamo guards a dict keyed by modules key by key, at every call.
+        self._by_id: dict[int, str] = {}
         self._active = False
         self._order: dict[str, int] = {}
         self.errors: dict[str, int] = {}
@@ -163,6 +165,7 @@ class Watcher:
         if not self._names:  # module paths, taken when the watcher is first entered
             self._names = {m: (name or ROOT) for name, m in self.model.named_modules()}
             self._order = {name: i for i, name in enumerate(self._names.values())}
+            self._by_id = {id(m): name for m, name in self._names.items()}
         watch_compiled.install_hooks(self)
         STATE.watchers.append(self)
         try:
@@ -201,7 +204,7 @@ class Watcher:
     def _pre(self, module: Any, args: Any) -> None:
         if watch_optimizer.OPEN.stack:  # an optimizer step raised: intercept again
             watch_optimizer.resume()
-        name = self._names.get(module)
+        name = self._by_id.get(id(module))
         if name is None:
             return
         if module is self.model:
@@ -222,7 +225,7 @@ class Watcher:
             self._forwards += 1
 
     def _post(self, module: Any, args: Any, output: Any) -> None:  # None: output unchanged
-        if module in self._names and self._stack:
+        if id(module) in self._by_id and self._stack:
             self._stack.pop()
             if module is self.model and not torch.compiler.is_compiling():
                 self._root_depth = max(0, self._root_depth - 1)

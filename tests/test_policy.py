@@ -288,3 +288,32 @@ def test_bad_input_elsewhere():
 def test_directional_needs_certification():
     with pytest.raises(RuntimeError, match="certified"), kg.policy(relu="directional"):
         torch.relu(zeros())
+
+
+def test_policy_block_is_a_reusable_context_manager_and_decorator():
+    """`policy(...)` validates when called, yields the read-only frame, nests with itself,
+    and decorates functions (as the generator-based version did)."""
+    with pytest.raises(ValueError, match="relu"):
+        kg.policy(relu="sideways")  # refused before any block is entered
+    block = kg.policy(relu=1.0)
+    x = torch.zeros(2, requires_grad=True)
+    with block as frame:
+        assert frame["relu"] == 1.0
+        with pytest.raises(TypeError):
+            frame["relu"] = 0.0  # type: ignore[index]
+        with block:  # the same block again, nested
+            y = torch.relu(x).sum()
+        z = torch.relu(x).sum()  # still inside the outer use
+    (y + z).backward()
+    assert x.grad.tolist() == [2.0, 2.0]
+
+    @kg.policy(relu=1.0)
+    def decorated(t):
+        return torch.relu(t).sum()
+
+    x.grad = None
+    decorated(x).backward()
+    assert x.grad.tolist() == [1.0, 1.0]
+    x.grad = None
+    torch.relu(x).sum().backward()  # outside: plain again
+    assert x.grad.tolist() == [0.0, 0.0]
