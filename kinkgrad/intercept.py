@@ -21,7 +21,6 @@ from .dynamo_graphs import install_if_loaded
 from .frames import make_frame, pop_frame, push_frame
 from .ops import dispatch
 
-
 #: `targets_by_name()`, as a plain global: what dynamo reads while tracing the mode.
 _BY_NAME: dict = {}
 
