@@ -72,6 +72,7 @@ it). `save`, `plot` and `to_tensorboard` with `all_ranks=True` write on rank 0 o
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ from .watch_store import Store
 ROOT = "(root)"
 OUTSIDE = "(outside)"
 _TIE = object()  # marks a tie op: counted from its output, in after()
+_DYNAMO = "torch._dynamo"
 
 __all__ = ["NEAR_EPS_MULTIPLE", "Summary", "Watcher", "cli", "watch"]
 
@@ -259,7 +261,8 @@ class Watcher:
             module = self._stack[-1] if self._stack else OUTSIDE
             call.extra[self] = watch_compiled.before(self, spec, call, x, module)
             return
-        if watch_compiled.in_compiled_graph(3):  # (from: dispatch, the mode, the graph)
+        # (from: dispatch, the mode, the graph; no graph runs before dynamo is imported)
+        if _DYNAMO in sys.modules and watch_compiled.in_compiled_graph(3):
             return
         transformed = torch._C._functorch.is_functorch_wrapped_tensor(x)
         if transformed:  # inside torch.func.vmap / grad: count the plain tensor below
@@ -292,8 +295,7 @@ class Watcher:
                         n = watch_count.quick_near(fam, call, x, self.near, seed)
                         if n is not None:
                             host[2] += x.numel()
-                            if n:
-                                store.add(row, watch_count.near_only(n))
+                            host[3] += n
                             return
                         m = self._measure(call, x, seed)
                         if isinstance(fam, Jump):

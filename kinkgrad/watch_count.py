@@ -241,11 +241,6 @@ def quick_near(fam: Any, call: Any, x: Tensor, near: float | None, seed: dict) -
     return 0 if mask is None else int(torch.count_nonzero(mask))
 
 
-def near_only(n: int) -> Tensor:
-    """A count vector (store.DEVICE_COLUMNS order) with `n` near hits and nothing else."""
-    return torch.tensor([0, 0, n, 0, 0, 0], dtype=torch.int64)
-
-
 def _plus(a: Tensor | None, b: Tensor) -> Tensor:
     return b if a is None else a + b
 

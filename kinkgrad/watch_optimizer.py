@@ -37,7 +37,7 @@ class _Open(threading.local):
 
 OPEN = _Open()
 _USERS = 0
-_HANDLES: list[Any] = []
+_HANDLES: list[tuple[Any, Any]] = []  # (handle, hook)
 
 
 def _plain(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> bool:
@@ -76,10 +76,18 @@ def resume() -> None:
 def acquire() -> None:
     global _USERS
     if _USERS == 0:
-        _HANDLES[:] = [
-            register_optimizer_step_pre_hook(_pre),
-            register_optimizer_step_post_hook(_post),
-        ]
+        # Registered once, then put back under the same ids: a watcher entered every
+        # step would otherwise make two new handles per step.
+        if not _HANDLES:
+            _HANDLES[:] = [
+                (register_optimizer_step_pre_hook(_pre), _pre),
+                (register_optimizer_step_post_hook(_post), _post),
+            ]
+        else:
+            for handle, hook in _HANDLES:
+                hooks = handle.hooks_dict_ref()
+                if hooks is not None:
+                    hooks[handle.id] = hook
     _USERS += 1
 
 
@@ -87,7 +95,6 @@ def release() -> None:
     global _USERS
     _USERS -= 1
     if _USERS == 0:
-        for h in _HANDLES:
-            h.remove()
-        _HANDLES.clear()
+        for handle, _ in _HANDLES:
+            handle.remove()
         resume()

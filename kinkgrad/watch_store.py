@@ -10,9 +10,10 @@ from torch import Tensor
 
 from .families import _to_device
 
-#: Device-side columns; the host keeps calls, elements, sites.
+#: Device-side columns; the host keeps calls, elements, sites (and some near hits).
 DEVICE_COLUMNS = ("exact", "effective", "near", "subnormal", "samples", "nonfinite")
 _FLUSH = 256
+_NEAR = DEVICE_COLUMNS.index("near")
 
 
 class Store:
@@ -23,7 +24,9 @@ class Store:
     def __init__(self) -> None:
         self.keys: list[tuple] = []
         self.index: dict[tuple, int] = {}
-        self.host: list[list[int]] = []  # calls, elements, sites
+        # calls, elements, sites, and near hits counted on the host: the CPU pre-check
+        # reads its near count back anyway, and a tensor per call would cost more.
+        self.host: list[list[int]] = []
         self.lock = threading.Lock()
         # device -> (rows, vectors [6]) and (rows, effective scalars)
         self.fwd: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
@@ -39,7 +42,7 @@ class Store:
                 if i is None:
                     i = self.index[key] = len(self.keys)
                     self.keys.append(key)
-                    self.host.append([0, 0, 0])
+                    self.host.append([0, 0, 0, 0])
         return i
 
     def zero_on(self, device: torch.device) -> Tensor:
@@ -105,4 +108,9 @@ class Store:
                     table = dense.index_select(0, _to_device(chosen, device))
                 for i, vals in enumerate(table.tolist()):
                     totals[i] = [a + b for a, b in zip(totals[i], vals, strict=True)]
-            return [(self.keys[r], [*self.host[r], *totals[i]]) for i, r in enumerate(chosen)]
+            out = []
+            for i, r in enumerate(chosen):
+                calls, elements, sites, near = self.host[r]
+                totals[i][_NEAR] += near
+                out.append((self.keys[r], [calls, elements, sites, *totals[i]]))
+            return out
