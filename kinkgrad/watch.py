@@ -286,17 +286,18 @@ class Watcher:
             if isinstance(fam, (Elementwise, Jump)):
                 # Elementwise kinks are read from the inputs before the op runs: an
                 # in-place op (relu_, clamp_) overwrites them.
+                seed: dict = {}
+                with torch._C.DisableTorchFunction():  # (the pre-check reads x.detach())
+                    n = watch_count.quick_near(fam, call, x, self.near, seed)
+                if n is not None:
+                    host[2] += x.numel()
+                    host[3] += n
+                    return
                 # torch.no_grad() costs more than this whole check: set the flag.
                 grad = torch.is_grad_enabled()
                 torch._C._set_grad_enabled(False)
                 try:
                     with torch._C.DisableTorchFunction():
-                        seed: dict = {}
-                        n = watch_count.quick_near(fam, call, x, self.near, seed)
-                        if n is not None:
-                            host[2] += x.numel()
-                            host[3] += n
-                            return
                         m = self._measure(call, x, seed)
                         if isinstance(fam, Jump):
                             exact, near = watch_count.jump(spec, fam, call, m)

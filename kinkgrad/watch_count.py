@@ -180,15 +180,18 @@ def _points(fam: Elementwise, call: Any, x: Tensor) -> tuple[float, ...] | None:
     return points
 
 
-_LIMITS: dict[torch.dtype, tuple[float, float]] = {}
+#: (smallest normal, near tolerance per unit magnitude) per dtype; None: not a float.
+_LIMITS: dict[torch.dtype, tuple[float, float] | None] = {}
 
 
-def _dtype_limits(dtype: torch.dtype) -> tuple[float, float]:
-    """(smallest normal, near tolerance per unit magnitude) of a float dtype."""
-    limits = _LIMITS.get(dtype)
-    if limits is None:
+def _float_limits(dtype: torch.dtype) -> tuple[float, float] | None:
+    if dtype in _LIMITS:
+        return _LIMITS[dtype]
+    limits = None
+    if dtype.is_floating_point:
         info = torch.finfo(dtype)
-        limits = _LIMITS[dtype] = (info.tiny, NEAR_EPS_MULTIPLE * info.eps)
+        limits = (info.tiny, NEAR_EPS_MULTIPLE * info.eps)
+    _LIMITS[dtype] = limits
     return limits
 
 
@@ -198,15 +201,13 @@ def quick_near(fam: Any, call: Any, x: Tensor, near: float | None, seed: dict) -
     Then every count but `near` is 0, no mask is kept and no backward hook is needed:
     returns the number of near elements (0 unless some element is within the tolerance
     of a kink point). None: the general path must run; `seed` then keeps |x| and its
-    span for `Measure`."""
-    if not (
-        CPU_PRECHECK
-        and type(fam) is Elementwise
-        and len(call.inputs) == 1
-        and x.is_cpu
-        and x.is_floating_point()
-        and x.numel()
-    ):
+    span for `Measure`. Reads only `x.detach()`, so it records no autograd graph."""
+    if not (CPU_PRECHECK and type(fam) is Elementwise and len(call.inputs) == 1 and x.is_cpu):
+        return None
+    limits = _LIMITS.get(x.dtype, False)
+    if limits is False:
+        limits = _float_limits(x.dtype)
+    if limits is None or not x.numel():
         return None
     points = _points(fam, call, x)
     if points is None:
@@ -216,9 +217,14 @@ def quick_near(fam: Any, call: Any, x: Tensor, near: float | None, seed: dict) -
     lo, hi = torch.aminmax(a)
     lo, hi = lo.item(), hi.item()
     seed[id(x)] = (a, lo, hi)
-    tiny, c = _dtype_limits(x.dtype)
+    tiny, c = limits
     if not (hi < math.inf and lo >= tiny):
         return None
+    if points == (0.0,):  # relu and its kin: the distance to the kink is |x|, known
+        tol = near if near is not None else c * hi
+        if lo > tol:
+            return 0
+        return int(torch.count_nonzero(a <= tol))
     close: list[tuple[float, float]] = []
     for p in points:
         if not math.isfinite(p):

@@ -869,3 +869,50 @@ def test_an_optimizer_step_that_raises_does_not_leave_interception_off():
     with kg.policy(relu=1.0):
         torch.relu(x).sum().backward()
     assert torch.equal(x.grad, torch.ones(1, 2))
+
+
+def test_near_hits_counted_on_host_and_device_add_up():
+    """The CPU pre-check counts near hits on the host; calls that take the general path
+    count them in the device tensor. Both land in the same row, and `step=` sees both."""
+    tiny = 1e-9  # within 4 eps * 1.0 of 0: near, not exact
+    m = nn.ReLU()
+    with kg.watch(m, step="manual") as w:
+        m(torch.tensor([tiny, 1.0, -1.0]))  # pre-check: near only, on the host
+        m(torch.tensor([0.0, tiny, 1.0]))  # an exact hit: the general path
+        m(torch.tensor([tiny, -tiny, 1.0]))  # host again
+    r = only(w)
+    assert (r["calls"], r["exact"], r["near"]) == (3, 1, 5)
+    assert w.records(step=0)[0]["near"] == 5 and w.records(step=1) == []
+    assert w.summary().total["near"] == 5
+
+
+def test_optimizer_hooks_put_back_under_the_same_ids():
+    from torch.optim import optimizer as optim_module
+
+    from kinkgrad import watch_optimizer
+
+    def ours():
+        return {
+            i
+            for hooks in (
+                optim_module._global_optimizer_pre_hooks,
+                optim_module._global_optimizer_post_hooks,
+            )
+            for i, h in hooks.items()
+            if h in (watch_optimizer._pre, watch_optimizer._post)
+        }
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = kg.watch(model)
+    seen = []
+    for _ in range(3):
+        with w:
+            seen.append(ours())
+            model(torch.ones(1, 2)).sum().backward()
+            assert _calls_through_mode(opt.step) == 2  # suspended every time
+        assert ours() == set()
+    assert len(seen[0]) == 2 and seen[0] == seen[1] == seen[2]
+    with w, kg.watch(model):  # nested watchers share one pair of hooks
+        assert ours() == seen[0]
+    assert ours() == set()
