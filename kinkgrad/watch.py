@@ -72,7 +72,6 @@ it). `save`, `plot` and `to_tensorboard` with `all_ranks=True` write on rank 0 o
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -100,7 +99,6 @@ from .watch_store import Store
 ROOT = "(root)"
 OUTSIDE = "(outside)"
 _TIE = object()  # marks a tie op: counted from its output, in after()
-_DYNAMO = "torch._dynamo"
 
 __all__ = ["NEAR_EPS_MULTIPLE", "Summary", "Watcher", "cli", "watch"]
 
@@ -261,8 +259,7 @@ class Watcher:
             module = self._stack[-1] if self._stack else OUTSIDE
             call.extra[self] = watch_compiled.before(self, spec, call, x, module)
             return
-        # (from: dispatch, the mode, the graph; no graph runs before dynamo is imported)
-        if _DYNAMO in sys.modules and watch_compiled.in_compiled_graph(3):
+        if watch_compiled.in_compiled_graph(3):  # (from: dispatch, the mode, the graph)
             return
         transformed = torch._C._functorch.is_functorch_wrapped_tensor(x)
         if transformed:  # inside torch.func.vmap / grad: count the plain tensor below
