@@ -28,10 +28,16 @@ import torch
 
 _INSTALLED = False
 
+#: True when every graph dynamo compiles under kinkgrad's mode runs without it (the
+#: patch was in place before dynamo compiled its first graph): then no catalog call
+#: made by a compiled graph reaches kinkgrad at run time, and the watcher need not look
+#: at the caller's frames to tell (`watch_compiled.in_compiled_graph`).
+EVERY_GRAPH_WRAPPED = False
+
 
 def install_if_loaded(is_ours: Callable[[Any], bool]) -> None:
     """Patch dynamo once it has been imported (by `torch.compile`); cheap otherwise."""
-    global _INSTALLED
+    global _INSTALLED, EVERY_GRAPH_WRAPPED
     if _INSTALLED:
         return
     module = sys.modules.get("torch._dynamo.output_graph")
@@ -42,6 +48,9 @@ def install_if_loaded(is_ours: Callable[[Any], bool]) -> None:
     original = getattr(graph_cls, "call_user_compiler", None)
     if original is None or getattr(original, "_kinkgrad", False):
         return
+    utils = sys.modules.get("torch._dynamo.utils")
+    counters = getattr(utils, "counters", None)
+    EVERY_GRAPH_WRAPPED = counters is not None and counters["stats"]["unique_graphs"] == 0
 
     @functools.wraps(original)
     def call_user_compiler(self: Any, gm: Any, example_inputs: Any) -> Any:

@@ -80,6 +80,7 @@ import torch
 from torch import Tensor
 
 from . import (
+    dynamo_graphs,
     ops,
     watch_compiled,
     watch_count,
@@ -259,7 +260,7 @@ class Watcher:
             module = self._stack[-1] if self._stack else OUTSIDE
             call.extra[self] = watch_compiled.before(self, spec, call, x, module)
             return
-        if watch_compiled.in_compiled_graph(3):  # (from: dispatch, the mode, the graph)
+        if not dynamo_graphs.EVERY_GRAPH_WRAPPED and watch_compiled.in_compiled_graph(3):
             return
         transformed = torch._C._functorch.is_functorch_wrapped_tensor(x)
         if transformed:  # inside torch.func.vmap / grad: count the plain tensor below

@@ -117,6 +117,21 @@ def test_compiled_counts_equal_eager():
     assert _train("eager") == eager
 
 
+@pytest.mark.filterwarnings(GLOBAL_HOOKS)
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_compiled_eager_backend_counts_once_either_way(monkeypatch, wrapped):
+    """The eager backend's graph calls torch.relu itself. Graphs traced under the mode
+    run without it (`dynamo_graphs`), so those calls never reach the watcher; where a
+    graph may predate that patch the watcher recognises the graph's frames instead
+    (`in_compiled_graph`). Both ways count each call once."""
+    from kinkgrad import dynamo_graphs, watch_compiled
+
+    monkeypatch.setattr(dynamo_graphs, "EVERY_GRAPH_WRAPPED", wrapped)
+    if wrapped:  # the frame walk must not be what saves the count
+        monkeypatch.setattr(watch_compiled, "in_compiled_graph", lambda depth: False)
+    assert _train("eager") == _train(None)
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings(GLOBAL_HOOKS)
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
