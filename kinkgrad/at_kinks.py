@@ -88,8 +88,18 @@ def as_bool(mask: Tensor, g: Tensor) -> Tensor:
     mask, `mask != 0` written as one op that also reads `g` (see `compact`)."""
     if mask.dtype == torch.bool:
         return mask
-    never = (g != g) & (g == g)  # all False; computed from g so it stays in the backward
-    return torch.logical_xor(mask, never)
+    never = g < g  # all False (NaN too); computed from g so it stays in the backward
+    return torch.logical_xor(mask.to(g.dtype), never)
+
+
+def minus_zero(mask: Tensor, g: Tensor) -> Tensor | float:
+    """-0.0, the additive identity the backward nodes fill with. For a `compact` mask
+    (compiled code) it is computed from `g`: inductor 2.13 merges the constants -0.0
+    and 0.0 of one kernel (they compare equal), which turned PyTorch's -0.0 gradients
+    into +0.0."""
+    if mask.dtype == torch.bool:
+        return -0.0
+    return -((g < g).to(g.dtype))
 
 
 def compact(mask: Tensor) -> Tensor:
@@ -126,7 +136,7 @@ class Block(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]  # noqa: ANN001
         (mask,) = ctx.saved_tensors
-        return torch.where(as_bool(mask, g), -0.0, g), None
+        return torch.where(as_bool(mask, g), minus_zero(mask, g), g), None
 
 
 class Slopes(torch.autograd.Function):
@@ -157,7 +167,7 @@ class Slopes(torch.autograd.Function):
             if shape is None or not ctx.needs_input_grad[3 + ctx.n_kinks + j]:
                 grads.append(None)
                 continue
-            acc: Tensor | float = -0.0
+            acc: Tensor | float = minus_zero(masks[0], g) if masks else -0.0
             for mask, coef in zip(reversed(masks), reversed(ctx.coefs), strict=True):
                 acc = torch.where(as_bool(mask, g), g * coef[j], acc)
             if not isinstance(acc, Tensor):  # no kink at all: a -0.0 gradient

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .at_kinks import Block, as_bool, compact, traced
+from .at_kinks import Block, as_bool, compact, minus_zero, traced
 from .calls import Call, Family, _bind, _is_float, _warn_once, refuse_forward_ad
 
 # --------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ class TieSlopes(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]  # noqa: ANN001
         values0, tied, x = ctx.saved_tensors
         ours = ctx.ours(g, x.detach())
-        grad = torch.where(as_bool(tied, ours), ours, -0.0)
+        grad = torch.where(as_bool(tied, ours), ours, minus_zero(tied, ours))
         return g, None, None, None, grad
 
 

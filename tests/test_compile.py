@@ -90,7 +90,8 @@ def test_every_family_every_backend(backend, family):
     assert not torch.equal(eager, grad_under(fn, {}))
     dynamo.reset()
     compiled = torch.compile(fn, backend=backend, fullgraph=True)
-    assert torch.equal(grad_under(compiled, policy), eager)
+    got = grad_under(compiled, policy)
+    assert torch.equal(got, eager) and torch.equal(got.signbit(), eager.signbit())
     assert torch.equal(grad_under(compiled, {}), grad_under(fn, {}))
 
 
@@ -226,17 +227,22 @@ def test_the_policy_adds_few_guards():
 @pytest.mark.slow
 def test_compiled_gradients_exact_with_nonfinite_upstream_gradients():
     """The uint8 masks saved under compile (`at_kinks.compact`) are turned back into a
-    condition with an op that reads the upstream gradient; NaN and inf there, on kinks
-    and off them, must give eager kinkgrad's gradient bit for bit."""
-    g = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, float("nan"), 2.0])
-    x0 = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -1.0])
+    condition with an op that reads the upstream gradient; NaN, inf and -0.0 there, on
+    kinks and off them, must give eager kinkgrad's gradient bit for bit (the sign of
+    zero included: inductor merges the constants 0.0 and -0.0 of a kernel, so the -0.0
+    the backward nodes fill with is computed, `at_kinks.minus_zero`)."""
+    nan, inf = float("nan"), float("inf")
+    g = torch.tensor([nan, inf, -inf, 1.0, nan, 2.0, -0.0, -0.0, -0.0, 0.0])
+    x0 = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -1.0, 0.0, 0.5, -1.0, 0.0])
 
     def f(t):
-        return (torch.relu(t) * g).sum() + (torch.clamp(t, 0.0, 1.0) * g).sum()
+        return (
+            (torch.relu(t) * g).sum() + (torch.clamp(t, 0.0, 1.0) * g).sum() + (t.abs() * g).sum()
+        )
 
     def grad(fn):
         x = x0.clone().requires_grad_(True)
-        with kg.policy(relu=0.5, clamp=0.25):
+        with kg.policy(relu=0.5, clamp=0.25, abs=1.0):
             fn(x).backward()
         return x.grad
 
