@@ -149,19 +149,19 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
         exact, step = ctx.saved_tensors
-        n = torch.count_nonzero(torch.where(as_bool(exact, grad), grad, 0))
+        n = watch_count.n_true(torch.where(as_bool(exact, grad), grad, 0) != 0)
         torch.ops.kinkgrad.watch_effective(n, step, *ctx.meta)
         return grad, None, None, None
 
 
 def _vector(exact: Any, near: Any, m: watch_count.Measure, device: torch.device) -> Tensor:
     zero = torch.zeros((), dtype=torch.int64, device=device)
-    n_exact = zero if exact is None else torch.count_nonzero(exact)
+    n_exact = zero if exact is None else watch_count.n_true(exact)
     return torch.stack(
         [
             n_exact,
             zero,
-            zero if near is None else torch.count_nonzero(near),
+            zero if near is None else watch_count.n_true(near),
             zero if m.subnormal is None else m.subnormal,
             zero if exact is None else watch_count.samples(exact, n_exact),
             zero if m.nonfinite is None else m.nonfinite,

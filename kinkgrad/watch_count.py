@@ -95,9 +95,9 @@ class Measure:
             if not finite:
                 # (isfinite rather than a - a != 0: inductor's CPU code for that is
                 # several times slower)
-                self.nonfinite = _plus(self.nonfinite, a.numel() - torch.isfinite(a).sum())
+                self.nonfinite = _plus(self.nonfinite, a.numel() - n_true(torch.isfinite(a)))
             if not tiny_free:
-                sub = torch.count_nonzero((a < info.tiny) & (a != 0))
+                sub = n_true((a < info.tiny) & (a != 0))
                 self.subnormal = _plus(self.subnormal, sub)
             if near is None:
                 if finite:
@@ -247,6 +247,15 @@ def quick_near(fam: Any, call: Any, x: Tensor, near: float | None, seed: dict) -
     return 0 if mask is None else int(torch.count_nonzero(mask))
 
 
+def n_true(mask: Tensor) -> Tensor:
+    """Number of True elements, as an int64 tensor. Summed in int32 where that cannot
+    overflow: inductor's CPU code for int64 counts converts every 16-lane mask to two
+    8-lane int64 vectors, twice the work of the comparison itself."""
+    if mask.numel() < 2**31:
+        return mask.sum(dtype=torch.int32).to(torch.int64)
+    return torch.count_nonzero(mask)
+
+
 def _plus(a: Tensor | None, b: Tensor) -> Tensor:
     return b if a is None else a + b
 
@@ -262,7 +271,7 @@ def _largest(a: float | Tensor | None, b: float | Tensor) -> float | Tensor:
 def samples(mask: Tensor, exact: Tensor) -> Tensor:
     if mask.dim() <= 1 or mask.shape[0] == 0:
         return exact  # a 0-d or 1-d mask: every site is its own row
-    return mask.reshape(mask.shape[0], -1).any(1).sum()
+    return n_true(mask.reshape(mask.shape[0], -1).any(1))
 
 
 def _near_kink(k: Any, hit: Tensor | None, m: Measure) -> Tensor | None:
