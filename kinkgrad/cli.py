@@ -13,7 +13,7 @@ COMMANDS = {
     "study": ("kinkgrad.study.cli", "Run the study: does the derivative at the kink matter?"),
     "conventions": ("kinkgrad.conventions", "What PyTorch (and JAX) return at every kink."),
     "check": ("kinkgrad.check_cli", "Is backprop's gradient a Clarke gradient at a point?"),
-    "bench": ("kinkgrad.bench", "Overhead vs plain PyTorch: policy|watch|certified|compiled."),
+    "bench": ("kinkgrad.bench", "Overhead vs plain: policy|watch|certified|compiled|phases."),
     "watch-summary": ("kinkgrad.watch", "Print a saved watch record file as a table."),
 }
 

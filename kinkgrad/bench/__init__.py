@@ -1,7 +1,8 @@
 """Overhead benchmarks: each case times plain PyTorch and kinkgrad side by side,
 interleaved in one process, and prints median ratios (never lone absolute times).
 
-`kinkgrad bench NAME` runs `kinkgrad.bench.NAME` (policy, watch, certified, compiled); the
+`kinkgrad bench NAME` runs `kinkgrad.bench.NAME` (policy, watch, certified, compiled,
+phases); the
 scripts in `benchmarks/` call the same functions.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-CASES = ("policy", "watch", "certified", "compiled")
+CASES = ("policy", "watch", "certified", "compiled", "phases")
 
 
 def cli(argv: list[str]) -> int:
