@@ -89,6 +89,7 @@ def as_bool(mask: Tensor, g: Tensor) -> Tensor:
     if mask.dtype == torch.bool:
         return mask
     never = g < g  # all False (NaN too); computed from g so it stays in the backward
+    # (as floats: inductor's uint8-to-mask casts cost three times as much)
     return torch.logical_xor(mask.to(g.dtype), never)
 
 
@@ -110,9 +111,10 @@ def compact(mask: Tensor) -> Tensor:
     AOTAutograd's partitioner saves the smallest tensor it can, which is any bool
     computed from forward values alone. So the saved mask is uint8 (written through a
     float `where`, which vectorises), and the backward turns it into a condition with an
-    op that also reads the incoming gradient, which the partitioner cannot move into
-    the forward. (`mask.view(torch.bool)` would be cheaper still, but inductor 2.13 fails
-    to compile it when the mask is recomputed inside a fused kernel.)
+    op that also reads the incoming gradient (`as_bool`), which the partitioner cannot
+    move into the forward. (`mask.view(torch.bool)` fails to compile in inductor 2.13
+    when the mask is recomputed inside a fused kernel; a float mask would be saved as
+    the bool it is computed from.)
     """
     if torch.compiler.is_compiling():
         return torch.where(mask, 1.0, 0.0).to(torch.uint8)
