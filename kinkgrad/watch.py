@@ -365,21 +365,9 @@ class Watcher:
         present = [t for t in (exact, near, m.subnormal, m.nonfinite) if t is not None]
         if not present:
             return None  # the pre-check ruled everything out: nothing to add
-        device = present[0].device
-        zero = self._store.zero_on(device)
-        n_exact = zero if exact is None else torch.count_nonzero(exact)
-        vec = torch.stack(
-            [
-                n_exact,
-                zero,
-                zero if near is None else torch.count_nonzero(near),
-                zero if m.subnormal is None else m.subnormal,
-                zero if exact is None else watch_count.samples(exact, n_exact),
-                zero if m.nonfinite is None else m.nonfinite,
-            ]
-        )
+        vec = watch_count.vector(exact, near, m, self._store.zero_on(present[0].device))
         self._store.add(row, vec)
-        if exact is not None and m.quick and not int(n_exact):
+        if exact is not None and m.quick and not int(vec[0]):
             return None  # CPU: no hit, so no backward hook
         return exact
 

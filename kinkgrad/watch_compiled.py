@@ -154,19 +154,8 @@ class _Tap(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _vector(exact: Any, near: Any, m: watch_count.Measure, device: torch.device) -> Tensor:
-    zero = torch.zeros((), dtype=torch.int64, device=device)
-    n_exact = zero if exact is None else watch_count.n_true(exact)
-    return torch.stack(
-        [
-            n_exact,
-            zero,
-            zero if near is None else watch_count.n_true(near),
-            zero if m.subnormal is None else m.subnormal,
-            zero if exact is None else watch_count.samples(exact, n_exact),
-            zero if m.nonfinite is None else m.nonfinite,
-        ]
-    )
+def _zero(device: torch.device) -> Tensor:
+    return torch.zeros((), dtype=torch.int64, device=device)
 
 
 def before(watcher: Any, spec: Any, call: Any, x: Tensor, module: str) -> Any:
@@ -184,7 +173,7 @@ def before(watcher: Any, spec: Any, call: Any, x: Tensor, module: str) -> Any:
         else:
             exact, near, sites = watch_count.elementwise(fam, call, m)
         step = torch.ops.kinkgrad.watch_record(
-            _vector(exact, near, m, x.device), *meta, x.numel(), sites
+            watch_count.vector(exact, near, m, _zero(x.device)), *meta, x.numel(), sites
         )
     return (meta, exact, step)
 
@@ -209,7 +198,7 @@ def after(watcher: Any, spec: Any, call: Any, out: Any, entry: Any) -> Any:
             else:
                 exact = near = spec.hits(call, out)
             step = torch.ops.kinkgrad.watch_record(
-                _vector(exact, near, m, v.device), *meta, x.numel(), v.numel()
+                watch_count.vector(exact, near, m, _zero(v.device)), *meta, x.numel(), v.numel()
             )
     if exact is None or not (values.requires_grad and torch.is_grad_enabled()):
         return None

@@ -256,6 +256,22 @@ def n_true(mask: Tensor) -> Tensor:
     return torch.count_nonzero(mask)
 
 
+def vector(exact: Any, near: Any, m: Measure, zero: Tensor) -> Tensor:
+    """One call's count vector (`watch_store.DEVICE_COLUMNS`) from its masks; `zero`: an
+    int64 0-d zero on their device."""
+    n_exact = zero if exact is None else n_true(exact)
+    return torch.stack(
+        [
+            n_exact,
+            zero,
+            zero if near is None else n_true(near),
+            zero if m.subnormal is None else m.subnormal,
+            zero if exact is None else samples(exact, n_exact),
+            zero if m.nonfinite is None else m.nonfinite,
+        ]
+    )
+
+
 def _plus(a: Tensor | None, b: Tensor) -> Tensor:
     return b if a is None else a + b
 
