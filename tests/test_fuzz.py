@@ -262,15 +262,19 @@ def _binary_case(name, path, x, rule, seed):
     assert same_values(gy1, torch.where(tie, g * cy, gy0))
 
 
+def _draw_binary_case(name, path, data):
+    x = data.draw(tensors(oracle.POINTS))
+    _binary_case(
+        name, path, x, data.draw(st.sampled_from(["first", "split"])), data.draw(st.integers(0, 99))
+    )
+
+
 @pytest.mark.parametrize("name", list(BINARY))
 @pytest.mark.parametrize("path", PATHS)
 @FAST
 @given(data=st.data())
 def test_fuzz_binary(name, path, data):
-    x = data.draw(tensors(oracle.POINTS))
-    _binary_case(
-        name, path, x, data.draw(st.sampled_from(["first", "split"])), data.draw(st.integers(0, 99))
-    )
+    _draw_binary_case(name, path, data)
 
 
 @pytest.mark.slow
@@ -279,10 +283,7 @@ def test_fuzz_binary(name, path, data):
 @SLOW
 @given(data=st.data())
 def test_fuzz_binary_slow(name, path, data):
-    x = data.draw(tensors(oracle.POINTS))
-    _binary_case(
-        name, path, x, data.draw(st.sampled_from(["first", "split"])), data.draw(st.integers(0, 99))
-    )
+    _draw_binary_case(name, path, data)
 
 
 # --------------------------------------------------------------------------------------
@@ -377,17 +378,16 @@ def tie_tensors(draw, name):
     return draw(tensors(TIE_POINTS, nd=layout, min_numel=2))
 
 
+def _draw_tie_case(name, style, path, data):
+    x = data.draw(tie_tensors(name))
+    _tie_case(name, style, path, x, data.draw(st.sampled_from(["first", "split"])))
+
+
 @pytest.mark.parametrize("name,style,path", TIE_CASES)
 @FAST
 @given(data=st.data())
 def test_fuzz_ties(name, style, path, data):
-    _tie_case(
-        name,
-        style,
-        path,
-        data.draw(tie_tensors(name)),
-        data.draw(st.sampled_from(["first", "split"])),
-    )
+    _draw_tie_case(name, style, path, data)
 
 
 @pytest.mark.slow
@@ -395,10 +395,4 @@ def test_fuzz_ties(name, style, path, data):
 @SLOW
 @given(data=st.data())
 def test_fuzz_ties_slow(name, style, path, data):
-    _tie_case(
-        name,
-        style,
-        path,
-        data.draw(tie_tensors(name)),
-        data.draw(st.sampled_from(["first", "split"])),
-    )
+    _draw_tie_case(name, style, path, data)
