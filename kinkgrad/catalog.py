@@ -972,7 +972,6 @@ def targets() -> dict[Callable, OpSpec]:
     return table
 
 
-@_memo
 def targets_by_name() -> dict[str, tuple[tuple[Callable, OpSpec], ...]]:
     """`targets()` grouped by the callables' `__name__`: what dynamo traces. A dict keyed
     by callables makes dynamo guard every key (over a hundred guards, evaluated at every

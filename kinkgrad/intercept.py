@@ -21,15 +21,15 @@ from .dynamo_graphs import install_if_loaded
 from .frames import make_frame, pop_frame, push_frame
 from .ops import dispatch
 
-#: `targets_by_name()`, as a plain global: what dynamo reads while tracing the mode.
-_BY_NAME: dict = {}
+#: `targets_by_name()`, built once as a plain global: what dynamo reads while tracing
+#: the mode (through the memo's closure it would guard the closure cell too).
+_BY_NAME = targets_by_name()
 
 
 class _KinkMode(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.table = targets()
-        _BY_NAME.update(targets_by_name())
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if torch.compiler.is_compiling():  # (see `targets_by_name`)

@@ -72,7 +72,6 @@ it). `save`, `plot` and `to_tensorboard` with `all_ranks=True` write on rank 0 o
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -376,21 +375,19 @@ class Watcher:
 
         def hook(grad: Tensor) -> None:
             with torch._C.DisableTorchFunction():
-                store.add_effective(row, torch.count_nonzero(torch.where(exact, grad, 0)))
+                store.add_effective(row, watch_count.n_effective(exact, grad))
 
         values.register_hook(hook)
 
     def _failed(self, spec: Any, error: Exception) -> None:
-        first = spec.name not in self.errors
-        self.errors[spec.name] = self.errors.get(spec.name, 0) + 1
-        if first:
-            warnings.warn(
-                f"kinkgrad.watch could not count a call of {spec.name!r} "
-                f"({type(error).__name__}: {error}); the op itself ran unchanged, and "
-                f"Watcher.errors counts such calls",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        watch_count.tally_and_warn_once(
+            self.errors,
+            spec.name,
+            f"kinkgrad.watch could not count a call of {spec.name!r} "
+            f"({type(error).__name__}: {error}); the op itself ran unchanged, and "
+            f"Watcher.errors counts such calls",
+            stacklevel=4,
+        )
 
     # ---- results ---------------------------------------------------------------------
 

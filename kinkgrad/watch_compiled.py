@@ -149,7 +149,7 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
         exact, step = ctx.saved_tensors
-        n = watch_count.n_true(torch.where(as_bool(exact, grad), grad, 0) != 0)
+        n = watch_count.n_effective(as_bool(exact, grad), grad)
         torch.ops.kinkgrad.watch_effective(n, step, *ctx.meta)
         return grad, None, None, None
 

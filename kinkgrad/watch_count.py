@@ -5,6 +5,7 @@ is defined in `kinkgrad.watch`'s docstring)."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -247,6 +248,14 @@ def quick_near(fam: Any, call: Any, x: Tensor, near: float | None, seed: dict) -
     return 0 if mask is None else int(torch.count_nonzero(mask))
 
 
+def tally_and_warn_once(counts: dict[str, int], name: str, message: str, stacklevel: int) -> None:
+    """Count a call of op `name` that the watcher could not count; warn on the first.
+    `stacklevel` as the caller would pass it to `warnings.warn`."""
+    counts[name] = counts.get(name, 0) + 1
+    if counts[name] == 1:
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
 def n_true(mask: Tensor) -> Tensor:
     """Number of True elements, as an int64 tensor. Summed in int32 where that cannot
     overflow: inductor's CPU code for int64 counts converts every 16-lane mask to two
@@ -270,6 +279,12 @@ def vector(exact: Any, near: Any, m: Measure, zero: Tensor) -> Tensor:
             zero if m.nonfinite is None else m.nonfinite,
         ]
     )
+
+
+def n_effective(exact: Tensor, grad: Tensor) -> Tensor:
+    """Effective hits: exact hits (bool `exact`) whose upstream gradient is non-zero
+    (NaN counts; -0.0 does not)."""
+    return n_true(torch.where(exact, grad, 0) != 0)
 
 
 def _plus(a: Tensor | None, b: Tensor) -> Tensor:

@@ -52,20 +52,18 @@ class Store:
         return z
 
     def add(self, row: int, vec: Tensor) -> None:
-        with self.lock:
-            rows, vecs = self.fwd.setdefault(vec.device, ([], []))
-            rows.append(row)
-            vecs.append(vec)
-            if len(rows) >= _FLUSH:
-                self._flush(vec.device)
+        self._append(self.fwd, row, vec)
 
     def add_effective(self, row: int, n: Tensor) -> None:
+        self._append(self.eff, row, n)
+
+    def _append(self, pending: dict, row: int, t: Tensor) -> None:
         with self.lock:
-            rows, vals = self.eff.setdefault(n.device, ([], []))
+            rows, values = pending.setdefault(t.device, ([], []))
             rows.append(row)
-            vals.append(n)
+            values.append(t)
             if len(rows) >= _FLUSH:
-                self._flush(n.device)
+                self._flush(t.device)
 
     def _dense(self, device: torch.device) -> Tensor:
         need = len(self.keys)

@@ -33,14 +33,12 @@ def unwrapped(watcher: Any, spec: Any, call: Any) -> Any:
                 stacklevel=5,
             )
         return call.replace({x: watch_count.unwrap_transforms(x)})
-    first = spec.name not in watcher.uncounted
-    watcher.uncounted[spec.name] = watcher.uncounted.get(spec.name, 0) + 1
-    if first:
-        warnings.warn(
-            f"kinkgrad.watch cannot count {spec.name!r} inside torch.func transforms "
-            f"(vmap, grad): there it counts one-input elementwise and jump ops only; "
-            f"the op ran unchanged, and Watcher.uncounted counts the calls skipped",
-            RuntimeWarning,
-            stacklevel=5,
-        )
+    watch_count.tally_and_warn_once(
+        watcher.uncounted,
+        spec.name,
+        f"kinkgrad.watch cannot count {spec.name!r} inside torch.func transforms "
+        f"(vmap, grad): there it counts one-input elementwise and jump ops only; "
+        f"the op ran unchanged, and Watcher.uncounted counts the calls skipped",
+        stacklevel=5,
+    )
     return None
