@@ -52,8 +52,8 @@ small vector and nothing waits for the device (checked on CUDA with
 `plot`, `print`) synchronises once. On CPU, where reading a value back is no
 synchronisation, one `aminmax` per operand first rules out what cannot count, so a
 call with nothing on a kink builds no mask and registers no backward hook
-(`watch_count.CPU_PRECHECK`). An optimizer's `step()` inside the block runs without
-interception (`watch_optimizer`). The watcher never changes forward values or
+(`watch_count.CPU_PRECHECK`). An optimizer's `step()` and `zero_grad()` inside the
+block run without interception (`watch_optimizer`). The watcher never changes forward values or
 gradients: it only reads inputs, and its backward hooks return nothing.
 
 **Transforms**: inside `torch.func.vmap` / `grad`, one-input elementwise and jump ops

@@ -818,6 +818,30 @@ def test_optimizer_step_is_not_intercepted_nor_counted():
     assert {r["op"] for r in w.records()} == {"relu"}  # no clamp from the optimizer
 
 
+def test_zero_grad_is_not_intercepted_while_watching():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch_zero_grad = torch.optim.Optimizer.zero_grad
+    module_zero_grad = torch.nn.Module.zero_grad
+
+    def backward_then_zero_grad():
+        model(torch.randn(2, 3)).sum().backward()
+        return _calls_through_mode(opt.zero_grad)
+
+    with kg.policy(relu="torch"):  # interception without a watcher: p.grad reads, writes
+        assert backward_then_zero_grad() > 4
+    with kg.watch(model), kg.watch(model):
+        assert backward_then_zero_grad() == 0
+        assert all(p.grad is None for p in model.parameters())
+        model(torch.randn(2, 3)).sum().backward()
+        assert _calls_through_mode(lambda: model.zero_grad(set_to_none=False)) == 0
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+        z = torch.zeros(1)
+        assert _calls_through_mode(lambda: torch.relu(z)) == 1  # resumed after it
+    assert torch.optim.Optimizer.zero_grad is torch_zero_grad  # unwrapped with the last
+    assert torch.nn.Module.zero_grad is module_zero_grad
+
+
 def test_optimizer_with_closure_or_differentiable_stays_intercepted():
     model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU())
     with torch.no_grad():
